@@ -1,0 +1,20 @@
+"""The datapath's fixed formats (docs/numerics.md). One place for every constant the RTL shares."""
+
+SUPPORTED_BITS = (16, 8, 4, 2)       # KV code widths
+QUERY_BITS = 16                      # query codes are signed, |Q| <= 2^15 - 1
+QUERY_MAX = (1 << (QUERY_BITS - 1)) - 1
+SCORE_FRAC = 16                      # scores: signed fixed point, log2 domain, 16 fraction bits
+SCORE_BITS = 32                      # saturating, symmetric +-(2^31 - 1)
+TERM_LIMIT_BITS = 47                 # each score term saturates at +-(2^47 - 1) before the subtraction
+P_FRAC = 32                          # softmax weights p = 2^(score - max) in [0, 1], 32 fraction bits
+EXP2_SEGMENTS_LOG2 = 8               # exp2 table: 256 segments, 257 entries, linear interpolation
+W_BITS = 26                          # per-token value weights W < 2^26 (a DSP48E2 27-bit port, unsigned)
+ACC_UNIT_OFFSET = 8 + W_BITS         # accumulator unit = 2^(E - ACC_UNIT_OFFSET)
+MAX_PARTIAL_TOKENS = 1 << 16         # tokens one partial may cover: keeps every accumulator in int64
+SCALE_MIN, SCALE_MAX = 1e-5, 1e5     # quantizer scale clamp (PM-KVQ)
+
+
+def check_bits(bits: int, what: str = "bit width") -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported {what} {bits!r}: supported widths are {SUPPORTED_BITS}")
+    return int(bits)
