@@ -165,6 +165,8 @@ def attention(query: Query, keys: Sequence[QuantizedKV], values: Sequence[Quanti
     """Whole decode attention: split the context into runs of tokens_per_partial, merge the partials."""
     if not 1 <= tokens_per_partial <= MAX_PARTIAL_TOKENS:
         raise ValueError(f"tokens_per_partial must be in 1..{MAX_PARTIAL_TOKENS}")
+    if not keys or not values:
+        raise ValueError("no key blocks or no value blocks given: attention needs at least one token")
     ks, vs = split_tokens(keys, tokens_per_partial), split_tokens(values, tokens_per_partial)
     if len(ks) != len(vs):
         raise ValueError("keys and values hold different numbers of tokens")

@@ -5,7 +5,7 @@ QUERY_BITS = 16                      # query codes are signed, |Q| <= 2^15 - 1
 QUERY_MAX = (1 << (QUERY_BITS - 1)) - 1
 SCORE_FRAC = 16                      # scores: signed fixed point, log2 domain, 16 fraction bits
 SCORE_BITS = 32                      # saturating, symmetric +-(2^31 - 1)
-TERM_LIMIT_BITS = 47                 # each score term saturates at +-(2^47 - 1) before the subtraction
+TERM_LIMIT_BITS = 62                 # each score term saturates at +-(2^62 - 1) before the subtraction
 P_FRAC = 32                          # softmax weights p = 2^(score - max) in [0, 1], 32 fraction bits
 EXP2_SEGMENTS_LOG2 = 8               # exp2 table: 256 segments, 257 entries, linear interpolation
 W_BITS = 26                          # per-token value weights W < 2^26 (a DSP48E2 27-bit port, unsigned)
