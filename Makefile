@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 JOBS    ?= 2
 
-.PHONY: venv run demo test test-fast sim bench calib bitstream clean
+.PHONY: venv run test sim bench-golden calib eval clean
 
 venv: $(STAMP)
 
@@ -34,8 +34,16 @@ test: $(STAMP)
 sim: $(STAMP)
 	$(PY) -m pytest -n $(JOBS) -q tests/sim
 
-bench: $(STAMP)
+bench-golden: $(STAMP)
 	$(PY) model/bench_golden.py
+
+# PM-KVQ calibration of the default model: bit-width table + plots.
+calib: $(STAMP)
+	$(PY) calib/calibrate.py
+
+# Methods side by side at matched memory: results table + KL-vs-bytes plot.
+eval: $(STAMP)
+	$(PY) calib/evaluate.py
 
 clean:
 	rm -rf $(VENV) sim_build build out .pytest_cache .hypothesis

@@ -78,33 +78,57 @@ def exp2_neg(x) -> np.ndarray:
     return shift_round(v, np.minimum(n, 62))
 
 
-def _concat(blocks: Sequence[QuantizedKV], what: str):
+def _token_fields(blocks: Sequence[QuantizedKV], what: str, head_dim: int | None = None):
+    """Per-token (bits, scale, zero) of a block sequence, after checking the blocks agree."""
     if not blocks:
         raise ValueError(f"no {what} blocks given: attention needs at least one token")
     hd = {b.head_dim for b in blocks}
     if len(hd) != 1:
         raise ValueError(f"{what} blocks have different head_dim: {sorted(hd)}")
-    codes16 = np.concatenate([b.codes.astype(np.int64) << (16 - b.bits) for b in blocks])
+    if head_dim is not None and hd != {head_dim}:
+        raise ValueError(f"query head_dim {head_dim} != {what} head_dim {hd.pop()}")
     bits = np.concatenate([np.full(b.tokens, b.bits, np.int64) for b in blocks])
-    scale = np.concatenate([b.scale for b in blocks])
-    zero = np.concatenate([b.zero for b in blocks])
-    if codes16.shape[0] == 0:
+    if bits.size == 0:
         raise ValueError(f"{what} blocks hold no tokens: attention needs at least one token")
-    return codes16, bits, scale, zero
+    return bits, np.concatenate([b.scale for b in blocks]), np.concatenate([b.zero for b in blocks])
 
 
-def _int_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact integer a @ b through float64 BLAS; callers keep every partial sum below 2^53."""
-    return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+def _chunks(block: QuantizedKV, max_tokens: int):
+    """(start, codes as float64) over a block in cache-sized pieces of at most max_tokens."""
+    step = max(1, min(max_tokens, 4096))
+    for lo in range(0, block.tokens, step):
+        yield lo, block.codes[lo:lo + step].astype(np.float64)
+
+
+def _dot_products(query: Query, keys: Sequence[QuantizedKV]) -> np.ndarray:
+    """D (G, T) = sum_d Q_d * c_td at each block's own width; exact (|D| < 2^38) in float64 BLAS."""
+    qf = query.codes.astype(np.float64)
+    out = np.empty((qf.shape[0], sum(b.tokens for b in keys)))
+    pos = 0
+    for b in keys:
+        for lo, c in _chunks(b, b.tokens):
+            out[:, pos + lo:pos + lo + c.shape[0]] = qf @ c.T
+        pos += b.tokens
+    return out.astype(np.int64)
+
+
+def _weighted_code_sum(w: np.ndarray, values: Sequence[QuantizedKV]) -> np.ndarray:
+    """sum_t W_t * c16_td (G, head_dim), exact: each float64 BLAS chunk stays below 2^53."""
+    acc = np.zeros((w.shape[0], values[0].head_dim), np.int64)
+    pos = 0
+    for b in values:
+        wb = w[:, pos:pos + b.tokens].astype(np.float64)
+        # W < 2^26 and c < 2^b: a chunk of n tokens sums below n * 2^(26 + b) <= 2^52.
+        for lo, c in _chunks(b, 1 << (26 - b.bits)):
+            acc += (wb[:, lo:lo + c.shape[0]] @ c).astype(np.int64) << (16 - b.bits)
+        pos += b.tokens
+    return acc
 
 
 def scores(query: Query, keys: Sequence[QuantizedKV]) -> np.ndarray:
     """Integer scores (G, T), log2 domain with 16 fraction bits, saturating at +-(2^31 - 1)."""
-    c16, bits, scale, zero = _concat(keys, "key")
-    if c16.shape[1] != query.codes.shape[1]:
-        raise ValueError(f"query head_dim {query.codes.shape[1]} != key head_dim {c16.shape[1]}")
-    # Codes enter the dot product at their own width: D = sum_d Q_d * c_d (|D| < 2^38).
-    d = _int_matmul(query.codes, (c16 >> (16 - bits)[:, None]).T)
+    _, scale, zero = _token_fields(keys, "key", query.codes.shape[1])
+    d = _dot_products(query, keys)
     sq = query.codes.sum(axis=1)
     ms, xs = bf16_fields(scale)
     mz, xz = bf16_fields(zero)
@@ -118,11 +142,11 @@ def scores(query: Query, keys: Sequence[QuantizedKV]) -> np.ndarray:
 def attention_partial(query: Query, keys: Sequence[QuantizedKV], values: Sequence[QuantizedKV]) -> Partial:
     """What one engine returns for one run of at most 2^16 tokens (two passes: keys, then values)."""
     s = scores(query, keys)
-    c16, bits, scale, zero = _concat(values, "value")
-    if c16.shape[0] != s.shape[1]:
-        raise ValueError(f"{s.shape[1]} key tokens but {c16.shape[0]} value tokens")
-    if c16.shape[0] > MAX_PARTIAL_TOKENS:
-        raise ValueError(f"a partial covers at most {MAX_PARTIAL_TOKENS} tokens, got {c16.shape[0]}")
+    bits, scale, zero = _token_fields(values, "value", query.codes.shape[1])
+    if bits.size != s.shape[1]:
+        raise ValueError(f"{s.shape[1]} key tokens but {bits.size} value tokens")
+    if bits.size > MAX_PARTIAL_TOKENS:
+        raise ValueError(f"a partial covers at most {MAX_PARTIAL_TOKENS} tokens, got {bits.size}")
     m = s.max(axis=1)
     p = exp2_neg(m[:, None] - s)
     ms, xs = bf16_fields(scale)
@@ -133,10 +157,7 @@ def attention_partial(query: Query, keys: Sequence[QuantizedKV], values: Sequenc
     # W: p * s in the accumulator unit per MSB-aligned code c16; Z: p * z in the same unit.
     w = shift_round(p * ms, E - ACC_UNIT_OFFSET + 48 - xs - bits)
     z = shift_round(p * mz, E - ACC_UNIT_OFFSET + P_FRAC - xz)
-    # Exact sum of W * c16 with float64 BLAS: split W (< 2^26) into 13-bit halves.
-    hi = _int_matmul(w >> 13, c16)
-    lo = _int_matmul(w & 0x1FFF, c16)
-    acc = (hi << 13) + lo - z.sum(axis=1)[:, None]
+    acc = _weighted_code_sum(w, values) - z.sum(axis=1)[:, None]
     return Partial(m=m, L=p.sum(axis=1), acc=acc, E=E)
 
 

@@ -81,14 +81,21 @@ class Occupancy:
 
 
 def budget_for_width(cfg: CacheConfig, bits: int, max_len: int, metadata: bool | None = None) -> float:
-    """Bytes that hold max_len tokens with the body at `bits` (sink and window at 16, as stored)."""
+    """The smallest budget that holds every length up to max_len with the body at `bits`.
+
+    Bytes peak either at max_len or just before the last window flush (sink and a full window at
+    16 bits, max_len - w tokens where w is the window fill at max_len)."""
     check_bits(bits)
     if max_len < 1:
         raise ValueError("max_len must be positive")
-    sink = min(cfg.n_sink, max_len)
-    window = min(cfg.window, max_len - sink)
-    body = max_len - sink - window
-    return (sink + window) * cfg.token_bytes(16, metadata) + body * cfg.token_bytes(bits, metadata)
+    t16, tb = cfg.token_bytes(16, metadata), cfg.token_bytes(bits, metadata)
+    if max_len <= cfg.n_sink + cfg.window:
+        return max_len * t16
+    w = (max_len - cfg.n_sink - 1) % cfg.window + 1
+    body = max_len - cfg.n_sink - w
+    at_end = (cfg.n_sink + w) * t16 + body * tb
+    before_flush = (cfg.n_sink + cfg.window) * t16 + (body - cfg.window) * tb
+    return max(at_end, before_flush)
 
 
 def shrink_schedule(cfg: CacheConfig, budget: float, max_len: int) -> list[tuple[int, int]]:

@@ -43,22 +43,27 @@ def bf16_value(bits) -> np.ndarray:
     return b.view(np.float32).astype(np.float64)
 
 
+def _bf16_field_tables() -> tuple[np.ndarray, np.ndarray]:
+    b = np.arange(1 << 16, dtype=np.int64)
+    exp_field, frac = (b >> 7) & 0xFF, b & 0x7F
+    normal = exp_field != 0
+    mant = np.where(normal, frac + 128, frac)
+    return np.where(b >> 15 != 0, -mant, mant), np.where(normal, exp_field - 134, -133)
+
+
+_BF16_MANT, _BF16_EXP = _bf16_field_tables()
+
+
 def bf16_fields(bits) -> tuple[np.ndarray, np.ndarray]:
     """Split bf16 bit patterns into (signed integer mantissa m, exponent x) with value = m * 2^x.
 
     Normal numbers: m = +-(128 + fraction), x = exponent_field - 134. Subnormals and zero:
     m = +-fraction, x = -133. Inf/NaN patterns are rejected (they never reach the device).
     """
-    b = np.asarray(bits, dtype=np.uint16).astype(np.int64)
-    exp_field = (b >> 7) & 0xFF
-    frac = b & 0x7F
-    if np.any(exp_field == 0xFF):
+    b = np.asarray(bits, dtype=np.uint16)
+    if np.any((b & 0x7F80) == 0x7F80):
         raise ValueError("bf16 Inf/NaN pattern in scale/zero data")
-    normal = exp_field != 0
-    mant = np.where(normal, frac + 128, frac)
-    mant = np.where(b >> 15 != 0, -mant, mant)
-    exp = np.where(normal, exp_field - 134, -133)
-    return mant, exp
+    return _BF16_MANT[b], _BF16_EXP[b]
 
 
 def shift_round(x: np.ndarray, k) -> np.ndarray:
@@ -68,11 +73,17 @@ def shift_round(x: np.ndarray, k) -> np.ndarray:
     x must be int64 with |x| < 2^61; left shifts must not overflow int64 (callers saturate).
     """
     x = np.asarray(x, dtype=np.int64)
-    k = np.broadcast_to(np.asarray(k, dtype=np.int64), x.shape)
+    k = np.asarray(k, dtype=np.int64)
+    if k.min() > 0:  # the common case: right shifts only
+        # floor((x + 2^(k-1)) / 2^k) == (floor(x / 2^(k-1)) + 1) >> 1, in place
+        y = np.right_shift(x, np.minimum(k, 62) - 1)
+        y += 1
+        y >>= 1
+        return y
+    if k.max() <= 0:
+        return np.broadcast_to(x << np.minimum(-k, 62), np.broadcast(x, k).shape).copy()
     kr = np.clip(k, 1, 62)
-    right = (x + (np.int64(1) << (kr - 1))) >> kr
-    left = x << np.clip(-k, 0, 62)
-    return np.where(k > 0, right, left)
+    return np.where(k > 0, (x + (np.int64(1) << (kr - 1))) >> kr, x << np.clip(-k, 0, 62))
 
 
 def shift_round_saturate(x: np.ndarray, k, limit_bits: int) -> np.ndarray:
@@ -81,8 +92,13 @@ def shift_round_saturate(x: np.ndarray, k, limit_bits: int) -> np.ndarray:
     Left shifts that would leave the range saturate instead of wrapping.
     """
     x = np.asarray(x, dtype=np.int64)
-    k = np.broadcast_to(np.asarray(k, dtype=np.int64), x.shape)
+    k = np.asarray(k, dtype=np.int64)
     lim = (np.int64(1) << limit_bits) - 1
+    if k.min() > 0:
+        y = shift_round(x, k)
+        np.minimum(y, lim, out=y)
+        np.maximum(y, -lim, out=y)
+        return y
     ls = np.clip(-k, 0, 62)
     # |x| << ls overflows the limit exactly when |x| > lim >> ls.
     overflow = (k < 0) & (np.abs(x) > (lim >> ls))
