@@ -1,0 +1,296 @@
+"""One device interface, three backends.
+
+Every backend offers the same five things: allocate a buffer in device memory, write bytes to it, read bytes
+back, write a register, read a register. `Kernel` drives a launch through them (argument registers, ap_start,
+poll ap_done, status), so the host code path is identical for
+
+- golden: device memory is a NumPy byte array; writing ap_start runs host/golden.py's GoldenKernel, which
+  reads the registers and memory as the RTL does (the default; runs anywhere);
+- sim:    the kernel RTL on Verilator (not yet available: the kernel RTL does not exist yet);
+- u280:   PYNQ 3.0.1 on an Alveo U280 (Overlay of the .xclbin, buffers in HBM, registers over AXI4-Lite).
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import layout as L
+from .golden import AddressError, GoldenKernel
+
+BOARDS = ("golden", "sim", "u280")
+DEFAULT_XCLBIN = Path("build") / f"{L.KERNEL_NAME}.xclbin"
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested backend cannot be opened here (no board, no XRT, no .xclbin, not built yet)."""
+
+
+class DeviceError(RuntimeError):
+    """The kernel refused a launch (non-zero status) or did not finish."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interface
+
+class DeviceBuffer:
+    """A region of device memory: `address` is what the kernel sees."""
+    address: int
+    nbytes: int
+
+    def write(self, offset: int, data) -> None:
+        raise NotImplementedError
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Device:
+    name = "device"
+    kernel_clock_mhz: float | None = None
+
+    def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
+        raise NotImplementedError
+
+    def write_reg(self, offset: int, value: int) -> None:
+        raise NotImplementedError
+
+    def read_reg(self, offset: int) -> int:
+        raise NotImplementedError
+
+    def cycles(self) -> int | None:
+        """Kernel clock cycles spent so far (sim only), else None."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _as_bytes(data) -> np.ndarray:
+    a = np.ascontiguousarray(data)
+    return a.reshape(-1).view(np.uint8)
+
+
+class Kernel:
+    """Host-side driver of the kernel: the same steps on every backend."""
+
+    def __init__(self, device: Device, timeout_s: float = 10.0):
+        self.device = device
+        self.timeout_s = timeout_s
+        self._regs: dict[int, int] = {}
+
+    def _write(self, offset: int, value: int) -> None:
+        if self._regs.get(offset) != value:  # registers keep their value between launches
+            self.device.write_reg(offset, value)
+            self._regs[offset] = value
+
+    def launch(self, **args) -> None:
+        """Write the given argument registers, start, wait for ap_done, check the status register."""
+        for name, value in args.items():
+            off, value = L.REGS[name], int(value)
+            if name in L.ADDRESS_REGS:
+                self._write(off, value & 0xFFFFFFFF)
+                self._write(off + 4, value >> 32)
+            else:
+                if not 0 <= value < 1 << 32:
+                    raise ValueError(f"register {name} = {value} does not fit in 32 bits")
+                self._write(off, value)
+        self.device.write_reg(L.CTRL, L.AP_START)
+        deadline = None
+        while not self.device.read_reg(L.CTRL) & L.AP_DONE:
+            deadline = deadline or time.monotonic() + self.timeout_s
+            if time.monotonic() > deadline:
+                raise DeviceError(f"{self.device.name}: kernel did not finish within {self.timeout_s} s "
+                                  f"(op {L.OP_NAMES.get(args.get('op'), args.get('op'))})")
+        status = self.device.read_reg(L.REGS["status"])
+        if status != L.STATUS_OK:
+            op = L.OP_NAMES.get(args.get("op"), args.get("op"))
+            detail = getattr(getattr(self.device, "kernel", None), "last_fault", None)
+            raise DeviceError(f"{self.device.name}: kernel refused {op}: status {status} "
+                              f"({L.STATUS_NAMES.get(status, 'unknown')})" + (f"; {detail}" if detail else ""))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# golden
+
+class GoldenMemory:
+    """Device memory as NumPy byte arrays at 4 KiB-aligned addresses above 4 GiB (so the high address word
+    is exercised)."""
+    BASE = 1 << 32
+
+    def __init__(self):
+        self._bases: list[int] = []
+        self._arrays: list[np.ndarray] = []
+        self._next = self.BASE
+
+    def allocate(self, nbytes: int) -> "GoldenBuffer":
+        base = self._next
+        arr = np.zeros(int(nbytes), np.uint8)
+        self._bases.append(base)
+        self._arrays.append(arr)
+        self._next = base + (-(-max(int(nbytes), 1) // 4096) * 4096)
+        return GoldenBuffer(self, base, arr)
+
+    def view(self, address: int, nbytes: int) -> np.ndarray:
+        i = bisect.bisect_right(self._bases, address) - 1
+        if i < 0 or nbytes < 0 or address + nbytes > self._bases[i] + self._arrays[i].size:
+            raise AddressError(f"{nbytes} bytes at {address:#x} are outside device memory")
+        off = address - self._bases[i]
+        return self._arrays[i][off:off + nbytes]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.size for a in self._arrays)
+
+
+class GoldenBuffer(DeviceBuffer):
+    def __init__(self, mem: GoldenMemory, address: int, array: np.ndarray):
+        self.mem, self.address, self.array, self.nbytes = mem, address, array, array.size
+
+    def write(self, offset: int, data) -> None:
+        b = _as_bytes(data)
+        if offset < 0 or offset + b.size > self.nbytes:
+            raise ValueError(f"write of {b.size} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
+        self.array[offset:offset + b.size] = b
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        if offset < 0 or offset + nbytes > self.nbytes:
+            raise ValueError(f"read of {nbytes} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
+        return self.array[offset:offset + nbytes].copy()
+
+
+class GoldenDevice(Device):
+    """The NumPy golden model behind the kernel's registers and memory."""
+    name = "golden"
+
+    def __init__(self, head_dim: int | None = None, reference: bool = False):
+        self.mem = GoldenMemory()
+        self.kernel = GoldenKernel(self.mem, head_dim=head_dim, reference=reference)
+        self._regs: dict[int, int] = {L.CTRL: L.AP_IDLE}
+
+    def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
+        return self.mem.allocate(nbytes)
+
+    def write_reg(self, offset: int, value: int) -> None:
+        if offset == L.CTRL:
+            if value & L.AP_START:
+                self.kernel.last_fault = None
+                self._regs[L.REGS["status"]] = self.kernel.execute(self._arg)
+                self._regs[L.CTRL] = L.AP_DONE | L.AP_IDLE | L.AP_READY
+            return
+        if offset == L.REGS["status"]:
+            return  # read only
+        self._regs[offset] = int(value) & 0xFFFFFFFF
+
+    def read_reg(self, offset: int) -> int:
+        v = self._regs.get(offset, 0)
+        if offset == L.CTRL:
+            self._regs[L.CTRL] = v & ~(L.AP_DONE | L.AP_READY)  # clear on read
+        return v
+
+    def _arg(self, name: str) -> int:
+        off = L.REGS[name]
+        v = self._regs.get(off, 0)
+        if name in L.ADDRESS_REGS:
+            v |= self._regs.get(off + 4, 0) << 32
+        return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sim
+
+class SimDevice(Device):
+    name = "sim"
+
+    def __init__(self, **_):
+        raise DeviceUnavailable(
+            "the simulated-RTL backend (--board sim) is not yet available: the accelerator kernel RTL and its "
+            "Verilator harness do not exist yet (see docs/kernel-interface.md for the contract it will "
+            "implement). Use --board golden.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# u280
+
+class U280Buffer(DeviceBuffer):
+    def __init__(self, buf):
+        self.buf, self.address, self.nbytes = buf, int(buf.device_address), int(buf.nbytes)
+
+    def write(self, offset: int, data) -> None:
+        b = _as_bytes(data)
+        view = self.buf[offset:offset + b.size]
+        view[:] = b
+        view.sync_to_device()  # only these bytes travel over PCIe
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        view = self.buf[offset:offset + nbytes]
+        view.sync_from_device()
+        return np.array(view, dtype=np.uint8)
+
+
+class U280Device(Device):
+    """PYNQ 3.0.1 on an Alveo U280: Overlay of the .xclbin, buffers in HBM banks, ap_ctrl_hs registers."""
+    name = "u280"
+    kernel_clock_mhz = 300.0
+
+    def __init__(self, xclbin: str | os.PathLike | None = None):
+        try:
+            import pynq
+        except ImportError as e:
+            raise DeviceUnavailable(f"--board u280 needs PYNQ 3.0.1 (pip install pynq==3.0.1): {e}") from None
+        path = Path(xclbin or os.environ.get("PMKVQ_XCLBIN") or DEFAULT_XCLBIN)
+        if not path.is_file():
+            raise DeviceUnavailable(f"--board u280 needs the kernel bitstream, and {path} does not exist: build it "
+                                    f"with AMD Vitis (v++ link of the {L.KERNEL_NAME} kernel) and pass "
+                                    f"--xclbin PATH or set PMKVQ_XCLBIN")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                devices = pynq.Device.devices
+            except Exception as e:  # XRT libraries missing or broken
+                raise DeviceUnavailable(f"--board u280: XRT is not usable here ({e})") from None
+        if not devices:
+            raise DeviceUnavailable("--board u280: no Alveo board found (XRT lists no devices; is a U280 installed "
+                                    "and the XRT environment sourced, XRT <= 2.16?)")
+        try:
+            self.overlay = pynq.Overlay(str(path))
+            self.ip = getattr(self.overlay, f"{L.KERNEL_NAME}_1")
+        except Exception as e:
+            raise DeviceUnavailable(f"--board u280: cannot load {path} or find kernel {L.KERNEL_NAME}_1: {e}") \
+                from None
+        self._pynq = pynq
+        self._banks = [getattr(self.overlay, f"HBM{i}", None) for i in range(32)]
+
+    def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
+        target = self._banks[bank % 32]
+        buf = self._pynq.allocate(shape=(int(nbytes),), dtype=np.uint8, target=target)
+        buf[:] = 0
+        buf.sync_to_device()
+        return U280Buffer(buf)
+
+    def write_reg(self, offset: int, value: int) -> None:
+        self.ip.write(offset, int(value))
+
+    def read_reg(self, offset: int) -> int:
+        return int(self.ip.read(offset))
+
+    def close(self) -> None:
+        try:
+            self.overlay.free()
+        except Exception:
+            pass
+
+
+def open_device(board: str = "golden", xclbin=None, head_dim: int | None = None) -> Device:
+    """The backend named `board` (golden, sim, u280); DeviceUnavailable with a clear message if it cannot open."""
+    if board == "golden":
+        return GoldenDevice(head_dim=head_dim)
+    if board == "sim":
+        return SimDevice()
+    if board == "u280":
+        return U280Device(xclbin)
+    raise ValueError(f"unknown board {board!r}: choose one of {', '.join(BOARDS)}")
