@@ -1,0 +1,392 @@
+"""The whole decode-attention datapath for one KV head and its G query heads (docs/numerics.md 5-7).
+
+One memory port: `data` takes one memory word per cycle, in the order written by
+`pmkvq_accel.hw.jobs.job_words`:
+
+  key pass    for each segment, for each group of mpw tokens: 1 key-metadata word, then its key code words
+  value meta  for each segment: ceil(n / mpw) value-metadata words (stored on chip; E is computed here)
+  value pass  for each segment: its value code words
+
+`job` carries the descriptor (query codes and exponents, segments (count, key width, value width)).
+Scores are kept on chip (one buffer entry per mpw tokens) with the run maximum M; the value pass then
+computes p, W, Z per token and accumulates W * c16. `result` emits one beat per query head:
+(head, M, L, E, acc[head_dim]) = `attention_partial` for that head.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .arith import bf16_fields, comb, reg
+from .config import DatapathConfig
+from .score import ScoreUnit
+from .softmax import LATENCY as W_LATENCY, P_BITS, W_OUT, Z_OUT, WeightUnit
+from .unpack import Unpack
+from .values import ACC_BITS, ValueMac
+
+COUNT_BITS = 17   # tokens per segment: 1 .. 65536
+
+
+def job_layout(cfg: DatapathConfig):
+    return data.StructLayout({
+        "q": unsigned(cfg.groups * cfg.head_dim * 16),
+        "qexp": unsigned(cfg.groups * 16),
+        "nseg": unsigned(5),
+        "count": unsigned(cfg.max_segments * COUNT_BITS),
+        "klb": unsigned(cfg.max_segments * 2),
+        "vlb": unsigned(cfg.max_segments * 2),
+    })
+
+
+def result_layout(cfg: DatapathConfig):
+    return data.StructLayout({
+        "head": unsigned(3),
+        "m": unsigned(32),
+        "l": unsigned(64),
+        "e": unsigned(16),
+        "acc": unsigned(cfg.head_dim * ACC_BITS),
+    })
+
+
+class DecodeAttention(wiring.Component):
+    def __init__(self, cfg: DatapathConfig):
+        if not isinstance(cfg, DatapathConfig):
+            raise TypeError(f"DecodeAttention needs a DatapathConfig, got {cfg!r}")
+        self.cfg = cfg
+        super().__init__({
+            "job": In(stream.Signature(job_layout(cfg))),
+            "data": In(stream.Signature(unsigned(cfg.word_bits))),
+            "result": Out(stream.Signature(result_layout(cfg))),
+        })
+
+    def elaborate(self, platform):
+        cfg = self.cfg
+        W, HD, G, NJ, MPW, NS = cfg.word_bits, cfg.head_dim, cfg.groups, cfg.nj, cfg.mpw, cfg.max_segments
+        m = Module()
+        ent_bits = max(1, (cfg.entries - 1).bit_length())
+        gl_bits = max(1, (MPW - 1).bit_length()) + 1
+        wi_bits = max(1, (cfg.max_wpt - 1).bit_length())
+        ntok_bits = NJ.bit_length()
+
+        # ---- descriptor registers ------------------------------------------------------------
+        q = Signal(G * HD * 16)
+        eq = Signal(G * 16)
+        nseg = Signal(5)
+        counts = Signal(NS * COUNT_BITS)
+        klbs = Signal(NS * 2)
+        vlbs = Signal(NS * 2)
+        count_arr = Array(counts[i * COUNT_BITS:(i + 1) * COUNT_BITS] for i in range(NS))
+        klb_arr = Array(klbs[i * 2:(i + 1) * 2] for i in range(NS))
+        vlb_arr = Array(vlbs[i * 2:(i + 1) * 2] for i in range(NS))
+
+        # ---- sub-blocks ----------------------------------------------------------------------
+        utag_layout = data.StructLayout({
+            "kmeta": unsigned(NJ * 32), "first": 1, "last": 1, "sq": 1, "v": 1,
+            "entry": unsigned(ent_bits), "gl": unsigned(gl_bits), "lb": unsigned(2),
+            "ntok": unsigned(ntok_bits), "clear": 1, "vlast": 1,
+        })
+        m.submodules.unpack = unpack = Unpack(cfg, tag_width=utag_layout.size)
+        stag_layout = data.StructLayout({"entry": unsigned(ent_bits), "gl": unsigned(gl_bits),
+                                         "lb": unsigned(2)})
+        m.submodules.score = score = ScoreUnit(cfg, tag_width=stag_layout.size)
+        wtag_layout = data.StructLayout({"first": 1})
+        m.submodules.weight = weight = WeightUnit(cfg, tag_width=wtag_layout.size)
+        m.submodules.mac = mac = ValueMac(cfg)
+        m.d.comb += [score.o.ready.eq(1), weight.o.ready.eq(1), score.q.eq(q), score.qexp.eq(eq)]
+
+        # ---- memories -------------------------------------------------------------------------
+        m.submodules.score_mem = score_mem = Memory(shape=unsigned(MPW * G * 32), depth=cfg.entries, init=[])
+        m.submodules.vmeta_mem = vmeta_mem = Memory(shape=unsigned(W), depth=cfg.entries, init=[])
+        sw = score_mem.write_port(granularity=G * 32)
+        sr = score_mem.read_port()
+        vw = vmeta_mem.write_port()
+        vr = vmeta_mem.read_port()
+
+        # ---- run state -------------------------------------------------------------------------
+        M = [Signal(signed(32), name=f"M_{g}") for g in range(G)]
+        L = [Signal(unsigned(64), name=f"L_{g}") for g in range(G)]
+        Zs = [Signal(signed(64), name=f"Zsum_{g}") for g in range(G)]
+        E = Signal(signed(12))
+
+        s = Signal(range(NS + 1))
+        rem = Signal(COUNT_BITS)
+        gtok = Signal(gl_bits)
+        gl = Signal(gl_bits)
+        wi = Signal(wi_bits)
+        entry = Signal(ent_bits)
+        kmeta_reg = Signal(W)
+        wait = Signal(4)
+        head = Signal(range(G + 1))
+        first_v = Signal()
+
+        phase_v = Signal()     # value side (VCODE) vs key side (KCODE) for the shared counters
+        lb = comb(m, Mux(phase_v, vlb_arr[s], klb_arr[s]), unsigned(2), "lb")
+        tpw = comb(m, Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[lb], unsigned(gl_bits), "tpw")
+        wpt_m1 = comb(m, Array(Const(cfg.wpt(b) - 1, wi_bits) for b in (2, 4, 8, 16))[lb], unsigned(wi_bits), "wptm1")
+        multi = comb(m, tpw == 0, unsigned(1), "multi")
+        cnt_s = comb(m, count_arr[s], unsigned(COUNT_BITS), "cnt_s")
+        gtok_of = lambda r: Mux(r > MPW, MPW, r)   # noqa: E731
+
+        # per-word token bookkeeping (shared by KCODE and VCODE)
+        left = comb(m, gtok - gl, unsigned(gl_bits), "left")
+        ntok = comb(m, Mux(multi, 1, Mux(tpw < left, tpw, left)), unsigned(ntok_bits), "ntok")
+        w_first = comb(m, Mux(multi, wi == 0, 1), unsigned(1), "w_first")
+        w_last = comb(m, Mux(multi, wi == wpt_m1, 1), unsigned(1), "w_last")
+        gl_next = comb(m, Mux(multi, gl + w_last, gl + tpw), unsigned(gl_bits + 1), "gl_next")
+        grp_done = comb(m, w_last & (gl_next >= gtok), unsigned(1), "grp_done")
+        seg_done = comb(m, grp_done & (rem == gtok), unsigned(1), "seg_done")
+        last_seg = comb(m, s + 1 >= nseg, unsigned(1), "last_seg")
+
+        kslots = Array(kmeta_reg[i * 32:(i + 1) * 32] for i in range(MPW))
+        kmeta_lanes = Cat(*[kslots[gl + j] for j in range(NJ)])
+
+        # unpack input: direct (key pass / S_Q beat) or the delayed value word
+        direct_valid = Signal()
+        direct_tag = Signal(utag_layout)
+        vdelay = []   # (valid, word, lb, wi, ntok, tag)
+        vd_valid = Signal()
+        vd_word = Signal(W)
+        vd_tag = Signal(utag_layout)
+        vd_lb = Signal(2)
+        vd_wi = Signal(wi_bits)
+        vd_ntok = Signal(ntok_bits)
+        up = unpack.i.payload
+        m.d.comb += [
+            unpack.i.valid.eq(direct_valid | vd_valid),
+            up.word.eq(Mux(vd_valid, vd_word, Mux(direct_valid, self.data.payload, 0))),
+            up.lb.eq(Mux(vd_valid, vd_lb, lb)),
+            up.wi.eq(Mux(vd_valid, vd_wi, wi)),
+            up.ntok.eq(Mux(vd_valid, vd_ntok, Mux(direct_tag.sq, 0, ntok))),
+            up.tag.eq(Mux(vd_valid, vd_tag, direct_tag)),
+        ]
+        uo_tag = Signal(utag_layout)
+        m.d.comb += [uo_tag.eq(unpack.o.payload.tag), unpack.o.ready.eq(1)]
+
+        # unpack -> score unit (key side)
+        sp = score.i.payload
+        stag = Signal(stag_layout)
+        m.d.comb += [
+            score.i.valid.eq(unpack.o.valid & ~uo_tag.v),
+            sp.c16.eq(unpack.o.payload.c16), sp.kmeta.eq(uo_tag.kmeta), sp.lb.eq(uo_tag.lb),
+            sp.ntok.eq(uo_tag.ntok), sp.first.eq(uo_tag.first), sp.last.eq(uo_tag.last), sp.sq.eq(uo_tag.sq),
+            stag.entry.eq(uo_tag.entry), stag.gl.eq(uo_tag.gl), stag.lb.eq(uo_tag.lb),
+            sp.tag.eq(stag),
+        ]
+
+        # score unit -> score buffer + running max
+        so_tag = Signal(stag_layout)
+        m.d.comb += so_tag.eq(score.o.payload.tag)
+        so_ntok = score.o.payload.ntok
+        sc = score.o.payload.score
+        so_tpw = comb(m, Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[so_tag.lb], unsigned(gl_bits), "so_tpw")
+        wdata, wen = [], []
+        for lane in range(MPW):
+            cands = []
+            for lbv, b in enumerate((2, 4, 8, 16)):
+                t = cfg.tpw(b)
+                j = lane % t if t >= 1 else 0
+                cands.append(sc[j * G * 32:(j + 1) * G * 32])
+            wdata.append(Array(cands)[so_tag.lb])
+            wen.append(score.o.valid & (so_tag.gl <= lane) & (lane < so_tag.gl + so_ntok))
+        m.d.comb += [sw.addr.eq(so_tag.entry), sw.data.eq(Cat(*wdata)), sw.en.eq(Cat(*wen))]
+
+        # ---- value side: buffer read, lane select, weights -------------------------------------
+        m.d.comb += [vr.en.eq(1), sr.en.eq(1)]
+        rtag_layout = data.StructLayout({"gl": unsigned(gl_bits), "lb": unsigned(2), "ntok": unsigned(ntok_bits),
+                                         "first": 1})
+        r_valid = Signal()
+        r_tag = Signal(rtag_layout)
+        s_lanes = Array(sr.data[i * G * 32:(i + 1) * G * 32] for i in range(MPW))
+        v_lanes = Array(vr.data[i * 32:(i + 1) * 32] for i in range(MPW))
+        wp = weight.i.payload
+        wtag_in = Signal(wtag_layout)
+        m.d.comb += [
+            weight.i.valid.eq(r_valid),
+            wp.score.eq(Cat(*[s_lanes[r_tag.gl + j] for j in range(NJ)])),
+            wp.vmeta.eq(Cat(*[v_lanes[r_tag.gl + j] for j in range(NJ)])),
+            wp.lb.eq(r_tag.lb), wp.ntok.eq(r_tag.ntok),
+            wtag_in.first.eq(r_tag.first), wp.tag.eq(wtag_in),
+        ]
+        m_flat = Cat(*M)
+        m.d.comb += [weight.m.eq(m_flat), weight.e.eq(E)]
+
+        # value words wait W_LATENCY cycles (the weights' latency) before unpacking
+        dl_layout = data.StructLayout({"word": unsigned(W), "lb": unsigned(2), "wi": unsigned(wi_bits),
+                                       "ntok": unsigned(ntok_bits), "tag": utag_layout})
+        v_in_valid = Signal()
+        v_in = Signal(dl_layout)
+        dv, dp = v_in_valid, v_in
+        for k in range(W_LATENCY):
+            nv, np_ = Signal(name=f"dly_v{k}"), Signal(dl_layout, name=f"dly_p{k}")
+            m.d.sync += [nv.eq(dv), np_.eq(dp)]
+            dv, dp = nv, np_
+        m.d.comb += [vd_valid.eq(dv), vd_word.eq(dp.word), vd_lb.eq(dp.lb), vd_wi.eq(dp.wi),
+                     vd_ntok.eq(dp.ntok), vd_tag.eq(dp.tag)]
+
+        # weights + unpacked value codes -> MAC; p and Z sums per head
+        wo = weight.o.payload
+        wo_tag = Signal(wtag_layout)
+        m.d.comb += wo_tag.eq(wo.tag)
+        mp = mac.i.payload
+        m.d.comb += [
+            mac.i.valid.eq(unpack.o.valid & uo_tag.v),
+            mp.c16.eq(unpack.o.payload.c16), mp.w.eq(wo.w), mp.clear.eq(uo_tag.clear), mp.last.eq(uo_tag.vlast),
+        ]
+        for g in range(G):
+            ps, zs = [], []
+            for j in range(NJ):
+                ok = weight.o.valid & wo_tag.first & (wo.ntok > j)
+                ps.append(Mux(ok, wo.p[(j * G + g) * P_BITS:(j * G + g + 1) * P_BITS], 0))
+                zs.append(Mux(ok, wo.z[(j * G + g) * Z_OUT:(j * G + g + 1) * Z_OUT].as_signed(), 0))
+            psum = comb(m, sum(ps), unsigned(P_BITS + 3), "psum")
+            zsum = comb(m, sum(zs), signed(Z_OUT + 3), "zsum")
+            m.d.sync += [L[g].eq(L[g] + psum), Zs[g].eq(Zs[g] + zsum)]
+
+        # running max over the scores written
+        for g in range(G):
+            cands = [M[g]]
+            for j in range(NJ):
+                v = sc[(j * G + g) * 32:(j * G + g + 1) * 32].as_signed()
+                ok = score.o.valid & (so_ntok > j)
+                cands.append(Mux(ok, v, -(1 << 31)))
+            mx = cands[0]
+            for c in cands[1:]:
+                mx = comb(m, Mux(c > mx, c, mx), signed(32), "mx")
+            m.d.sync += M[g].eq(mx)
+
+        # E from the value metadata words
+        e_lanes_v = Signal()
+        e_lanes = []
+        e_vlb = comb(m, vlb_arr[s], unsigned(2), "e_vlb")
+        e_bits = comb(m, Mux(e_vlb == 0, 2, Mux(e_vlb == 1, 4, Mux(e_vlb == 2, 8, 16))), unsigned(5), "e_bits")
+        meta_gtok = comb(m, gtok_of(rem), unsigned(gl_bits), "meta_gtok")
+        vmeta_accept = Signal()
+        for t in range(MPW):
+            word = self.data.payload
+            ms, xs = bf16_fields(m, word[t * 32:t * 32 + 16])
+            mz, xz = bf16_fields(m, word[t * 32 + 16:t * 32 + 32])
+            xsb = comb(m, xs + e_bits, signed(12), "xsb")
+            et = comb(m, Mux(xsb > xz, xsb, xz), signed(12), "et")
+            e_lanes.append(reg(m, 1, Mux(vmeta_accept & (t < meta_gtok), et, -2048), signed(12), name="el"))
+        emax = e_lanes[0]
+        for c in e_lanes[1:] + [E]:
+            emax = comb(m, Mux(c > emax, c, emax), signed(12), "emax")
+        e_clear = Signal()
+        with m.If(e_clear):
+            m.d.sync += E.eq(-2048)
+        with m.Else():
+            m.d.sync += E.eq(emax)
+
+        # ---- output -----------------------------------------------------------------------------
+        acc_flat = mac.o.payload.acc
+        g_acc = Array(acc_flat[g * HD * ACC_BITS:(g + 1) * HD * ACC_BITS] for g in range(G))[head]
+        g_z = Array(Zs)[head]
+        rp = self.result.payload
+        m.d.comb += [
+            rp.head.eq(head), rp.m.eq(Array(M)[head]), rp.l.eq(Array(L)[head]), rp.e.eq(E),
+            rp.acc.eq(Cat(*[(g_acc[d * ACC_BITS:(d + 1) * ACC_BITS].as_signed() - g_z)[0:ACC_BITS]
+                            for d in range(HD)])),
+        ]
+
+        # ---- controller -------------------------------------------------------------------------
+        def end_of_group(group_state, after_last):
+            """Book-keeping at the end of a group: next group, next segment or the next phase."""
+            m.d.sync += [entry.eq(entry + 1), gl.eq(0), wi.eq(0)]
+            with m.If(seg_done):
+                with m.If(last_seg):
+                    m.d.sync += [s.eq(0), rem.eq(count_arr[0]), entry.eq(0), gtok.eq(gtok_of(count_arr[0]))]
+                    m.next = after_last
+                with m.Else():
+                    m.d.sync += [s.eq(s + 1), rem.eq(count_arr[s + 1]), gtok.eq(gtok_of(count_arr[s + 1]))]
+                    m.next = group_state
+            with m.Else():
+                m.d.sync += [rem.eq(rem - gtok), gtok.eq(gtok_of(rem - gtok))]
+                m.next = group_state
+
+        m.d.comb += [direct_tag.gl.eq(gl), direct_tag.entry.eq(entry), direct_tag.lb.eq(lb),
+                     direct_tag.ntok.eq(ntok), direct_tag.first.eq(w_first), direct_tag.last.eq(w_last),
+                     direct_tag.kmeta.eq(kmeta_lanes)]
+
+        with m.FSM(name="ctl"):
+            with m.State("IDLE"):
+                m.d.comb += self.job.ready.eq(1)
+                with m.If(self.job.valid):
+                    jp = self.job.payload
+                    m.d.sync += [q.eq(jp.q), eq.eq(jp.qexp), nseg.eq(jp.nseg), counts.eq(jp.count),
+                                 klbs.eq(jp.klb), vlbs.eq(jp.vlb), s.eq(0),
+                                 rem.eq(jp.count[0:COUNT_BITS]), entry.eq(0), gl.eq(0), wi.eq(0),
+                                 first_v.eq(1)]
+                    m.d.sync += [M[g].eq(-(1 << 31)) for g in range(G)]
+                    m.d.sync += [L[g].eq(0) for g in range(G)] + [Zs[g].eq(0) for g in range(G)]
+                    m.d.comb += e_clear.eq(1)
+                    m.next = "SQ"
+            with m.State("SQ"):
+                m.d.comb += [direct_valid.eq(1), direct_tag.sq.eq(1)]
+                m.next = "KMETA"
+            with m.State("KMETA"):
+                m.d.comb += self.data.ready.eq(1)
+                with m.If(self.data.valid):
+                    m.d.sync += [kmeta_reg.eq(self.data.payload), gtok.eq(gtok_of(rem)), gl.eq(0), wi.eq(0)]
+                    m.next = "KCODE"
+            with m.State("KCODE"):
+                m.d.comb += [self.data.ready.eq(1), direct_valid.eq(self.data.valid)]
+                with m.If(self.data.valid):
+                    with m.If(grp_done):
+                        end_of_group("KMETA", "VMETA")
+                    with m.Else():
+                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1))]
+            with m.State("VMETA"):
+                m.d.comb += [self.data.ready.eq(1), vmeta_accept.eq(self.data.valid),
+                             vw.addr.eq(entry), vw.data.eq(self.data.payload), vw.en.eq(self.data.valid)]
+                with m.If(self.data.valid):
+                    m.d.sync += entry.eq(entry + 1)
+                    with m.If(rem <= MPW):
+                        with m.If(last_seg):
+                            m.d.sync += [s.eq(0), rem.eq(count_arr[0]), entry.eq(0), wait.eq(0)]
+                            m.next = "VWAIT"
+                        with m.Else():
+                            m.d.sync += [s.eq(s + 1), rem.eq(count_arr[s + 1])]
+                    with m.Else():
+                        m.d.sync += rem.eq(rem - MPW)
+            with m.State("VWAIT"):
+                # the key pipeline must have drained (M final, scores written) and E settled
+                with m.If(score.busy):
+                    m.d.sync += wait.eq(0)
+                with m.Elif(wait < 2):
+                    m.d.sync += wait.eq(wait + 1)
+                with m.Else():
+                    m.d.sync += [gtok.eq(gtok_of(rem)), gl.eq(0), wi.eq(0)]
+                    m.next = "VCODE"
+            with m.State("VCODE"):
+                m.d.comb += [phase_v.eq(1), self.data.ready.eq(1)]
+                job_last = comb(m, seg_done & last_seg, unsigned(1), "job_last")
+                m.d.comb += [
+                    sr.addr.eq(entry), vr.addr.eq(entry),
+                    v_in_valid.eq(self.data.valid),
+                    v_in.word.eq(self.data.payload), v_in.lb.eq(lb), v_in.wi.eq(wi), v_in.ntok.eq(ntok),
+                    v_in.tag.v.eq(1), v_in.tag.clear.eq(first_v), v_in.tag.vlast.eq(job_last),
+                ]
+                with m.If(self.data.valid):
+                    m.d.sync += first_v.eq(0)
+                    with m.If(grp_done):
+                        end_of_group("VCODE", "DRAIN")
+                    with m.Else():
+                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1))]
+            with m.State("DRAIN"):
+                with m.If(mac.o.valid):
+                    m.d.sync += head.eq(0)
+                    m.next = "OUT"
+            with m.State("OUT"):
+                m.d.comb += self.result.valid.eq(1)
+                with m.If(self.result.ready):
+                    m.d.sync += head.eq(head + 1)
+                    with m.If(head == G - 1):
+                        m.d.comb += mac.o.ready.eq(1)
+                        m.next = "IDLE"
+
+        # value-side read register stage (buffer data arrives one cycle after the address)
+        m.d.sync += [r_valid.eq(v_in_valid), r_tag.gl.eq(gl), r_tag.lb.eq(lb), r_tag.ntok.eq(ntok),
+                     r_tag.first.eq(w_first)]
+        return m

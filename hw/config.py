@@ -1,0 +1,79 @@
+"""Hardware parameters of the decode-attention datapath, validated at the edge.
+
+A `DatapathConfig` fixes everything that is elaborated into the RTL: the memory word width, head_dim,
+the number of query heads per KV head (G), and the size of the on-chip token buffers. Code widths
+(16/8/4/2) and the token segments are run-time values carried by the job descriptor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS, SUPPORTED_BITS
+
+WORD_BITS = (64, 128, 256, 512)
+HEAD_DIMS = (64, 128)
+MAX_GROUPS = 8
+
+
+def lb_of(bits: int) -> int:
+    """Width encoding used on every port: 2 -> 0, 4 -> 1, 8 -> 2, 16 -> 3."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported code width {bits!r}: supported widths are {SUPPORTED_BITS}")
+    return {2: 0, 4: 1, 8: 2, 16: 3}[bits]
+
+
+def bits_of(lb: int) -> int:
+    return 2 << lb
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    word_bits: int = 512          # memory word (one word accepted per cycle)
+    head_dim: int = 128
+    groups: int = 3               # G query heads served by one pass over a KV head
+    max_tokens: int = MAX_PARTIAL_TOKENS   # tokens of one run (on-chip score / value-metadata buffers)
+    max_segments: int = 4         # token segments per job (e.g. sink, body, window)
+
+    def __post_init__(self):
+        if self.word_bits not in WORD_BITS:
+            raise ValueError(f"unsupported memory word width {self.word_bits!r}: use one of {WORD_BITS} bits")
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"unsupported head_dim {self.head_dim!r}: the datapath supports {HEAD_DIMS}")
+        if not isinstance(self.groups, int) or not 1 <= self.groups <= MAX_GROUPS:
+            raise ValueError(f"unsupported G (query heads per KV head) {self.groups!r}: use 1..{MAX_GROUPS}")
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= MAX_PARTIAL_TOKENS:
+            raise ValueError(f"max_tokens must be in 1..{MAX_PARTIAL_TOKENS}, got {self.max_tokens!r}")
+        if not isinstance(self.max_segments, int) or not 1 <= self.max_segments <= 16:
+            raise ValueError(f"max_segments must be in 1..16, got {self.max_segments!r}")
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def nj(self) -> int:
+        """Token slots per word: the most tokens one word can hold (2-bit codes)."""
+        return max(1, self.word_bits // (2 * self.head_dim))
+
+    @property
+    def mpw(self) -> int:
+        """Metadata entries (tokens) per memory word: 32 bits each."""
+        return self.word_bits // 32
+
+    def tpw(self, bits: int) -> int:
+        """Tokens per word at this width (0 when one token spans several words)."""
+        return self.word_bits // (bits * self.head_dim)
+
+    def wpt(self, bits: int) -> int:
+        """Words per token at this width (1 when a word holds one or more tokens)."""
+        return max(1, bits * self.head_dim // self.word_bits)
+
+    @property
+    def max_wpt(self) -> int:
+        return self.wpt(16)
+
+    @property
+    def entries(self) -> int:
+        """Buffer entries: one per group of `mpw` tokens; each segment starts a new entry."""
+        return -(-self.max_tokens // self.mpw) + self.max_segments
+
+    def group_code_words(self, bits: int) -> int:
+        """Code words of a full metadata group (mpw tokens); independent of the word width."""
+        return self.head_dim * bits // 32

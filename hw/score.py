@@ -1,0 +1,162 @@
+"""Scores (key pass): integer dot products of the G query heads with the key codes of up to `nj`
+tokens per word, then the per-token (scale, zero) correction (docs/numerics.md section 5).
+
+    D_t   = sum_d Q_d * c_td                 (c16 lanes: D = (sum_d Q_d * c16_td) >> (16 - b), exact)
+    T1    = sat_62(rshr(ms * D_t, -(xs + eq + 16)))      (TERM_LIMIT_BITS from model/formats.py)
+    T2    = sat_62(rshr(mz * S_Q, -(xz + eq + 16)))
+    score = sat_31(T1 - T2)
+
+S_Q = sum_d Q_d is computed by the same adder tree: a beat with `sq` set (and all lanes zero) feeds
+ones into lane 0 and latches the result; send it once after loading a new query.
+Tokens that span several words (`first`/`last`) accumulate their partial dot products.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from pmkvq_accel.model.formats import SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS
+
+from .arith import bf16_fields, comb, reg, saturate, shift_round_sat, tree_sum
+from .config import DatapathConfig
+
+
+class ScoreUnit(wiring.Component):
+    def __init__(self, cfg: DatapathConfig, tag_width: int = 1):
+        if not isinstance(cfg, DatapathConfig):
+            raise TypeError(f"ScoreUnit needs a DatapathConfig, got {cfg!r}")
+        self.cfg = cfg
+        nj, hd, g = cfg.nj, cfg.head_dim, cfg.groups
+        self.i_layout = data.StructLayout({
+            "c16": unsigned(nj * hd * 16),
+            "kmeta": unsigned(nj * 32),
+            "lb": unsigned(2),
+            "ntok": unsigned(nj.bit_length()),
+            "first": 1, "last": 1, "sq": 1,
+            "tag": unsigned(tag_width),
+        })
+        self.o_layout = data.StructLayout({
+            "score": unsigned(nj * g * 32),
+            "ntok": unsigned(nj.bit_length()),
+            "tag": unsigned(tag_width),
+        })
+        super().__init__({
+            "i": In(stream.Signature(self.i_layout)),
+            "o": Out(stream.Signature(self.o_layout)),
+            "q": In(g * hd * 16),       # query codes, signed 16-bit, index g*head_dim + d
+            "qexp": In(g * 16),         # query exponents, signed 16-bit
+            "busy": Out(1),             # a beat is inside the pipeline
+        })
+
+    def elaborate(self, platform):
+        cfg = self.cfg
+        nj, hd, G = cfg.nj, cfg.head_dim, cfg.groups
+        m = Module()
+        adv = Signal()
+        m.d.comb += [adv.eq(~self.o.valid | self.o.ready), self.i.ready.eq(adv)]
+        p = self.i.payload
+        valids = []
+
+        # stage 1: products Q_d * c16 (lane 0 sees ones for the S_Q beat)
+        v1 = reg(m, adv, self.i.valid, name="v1")
+        valids.append(v1)
+        ctl_fields = Cat(p.kmeta, p.lb, p.ntok, p.first, p.last, p.sq, p.tag)
+        ctl1 = reg(m, adv, ctl_fields, name="ctl1")
+        prods = {}
+        for gi in range(G):
+            qd = [self.q[(gi * hd + d) * 16:(gi * hd + d + 1) * 16].as_signed() for d in range(hd)]
+            for j in range(nj):
+                for d in range(hd):
+                    c = p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16]
+                    if j == 0:
+                        c = c | p.sq
+                    prods[gi, j, d] = reg(m, adv, qd[d] * c, signed(33), name="prod")
+
+        # adder trees over d
+        sums = {}
+        lat = 0
+        for gi in range(G):
+            for j in range(nj):
+                sums[gi, j], lat = tree_sum(m, adv, [prods[gi, j, d] for d in range(hd)], 2, "dt")
+        vv, cc = v1, ctl1
+        for _ in range(lat):
+            vv = reg(m, adv, vv, name="vt")
+            cc = reg(m, adv, cc, name="ct")
+            valids.append(vv)
+        kmeta = cc[0:nj * 32]
+        lb = cc[nj * 32:nj * 32 + 2]
+        rest = cc[nj * 32 + 2:]
+        ntok_w = nj.bit_length()
+        ntok = rest[0:ntok_w]
+        first, last, sq = rest[ntok_w], rest[ntok_w + 1], rest[ntok_w + 2]
+        tag = rest[ntok_w + 3:]
+
+        # stage A: multi-word accumulation, S_Q latch, D = D' >> (16 - b)
+        sq_reg = [Signal(signed(24), name=f"sq_{gi}") for gi in range(G)]
+        dacc = [Signal(signed(40), name=f"dacc_{gi}") for gi in range(G)]
+        va = reg(m, adv, vv & last & ~sq, name="va")
+        valids.append(va)
+        ctla = reg(m, adv, Cat(kmeta, ntok, tag), name="ctla")
+        dvals = {}
+        for gi in range(G):
+            for j in range(nj):
+                s = sums[gi, j]
+                if j == 0 and cfg.max_wpt > 1:
+                    s = comb(m, Mux(first, 0, dacc[gi]) + s, signed(41), "dsum")
+                    with m.If(adv & vv & ~sq):
+                        m.d.sync += dacc[gi].eq(s)
+                if j == 0:
+                    with m.If(adv & vv & sq):
+                        m.d.sync += sq_reg[gi].eq(sums[gi, 0])
+                sh = comb(m, Mux(lb == 3, s, Mux(lb == 2, s >> 8, Mux(lb == 1, s >> 12, s >> 14))), signed(40), "dsh")
+                dvals[gi, j] = reg(m, adv, sh, signed(40), name="D")
+        kmeta_a = ctla[0:nj * 32]
+        ntok_a = ctla[nj * 32:nj * 32 + ntok_w]
+        tag_a = ctla[nj * 32 + ntok_w:]
+
+        # stage B: ms * D, mz * S_Q and the shift amounts
+        vb = reg(m, adv, va, name="vb")
+        valids.append(vb)
+        ctlb = reg(m, adv, Cat(ntok_a, tag_a), name="ctlb")
+        t1p, t2p, k1s, k2s = {}, {}, {}, {}
+        for j in range(nj):
+            ms, xs = bf16_fields(m, kmeta_a[j * 32:j * 32 + 16])
+            mz, xz = bf16_fields(m, kmeta_a[j * 32 + 16:j * 32 + 32])
+            for gi in range(G):
+                eq = self.qexp[gi * 16:(gi + 1) * 16].as_signed()
+                t1p[gi, j] = reg(m, adv, ms * dvals[gi, j], signed(49), name="t1p")
+                t2p[gi, j] = reg(m, adv, mz * sq_reg[gi], signed(34), name="t2p")
+                k1s[gi, j] = reg(m, adv, -(xs + eq + SCORE_FRAC), signed(19), name="k1")
+                k2s[gi, j] = reg(m, adv, -(xz + eq + SCORE_FRAC), signed(19), name="k2")
+
+        # stage C: shift, round, saturate both terms
+        vc = reg(m, adv, vb, name="vc")
+        valids.append(vc)
+        ctlc = reg(m, adv, ctlb, name="ctlc")
+        t1s, t2s = {}, {}
+        for j in range(nj):
+            for gi in range(G):
+                t1s[gi, j] = reg(m, adv, shift_round_sat(m, t1p[gi, j], k1s[gi, j], 48, TERM_LIMIT_BITS, "t1"),
+                                 signed(TERM_LIMIT_BITS + 1), name="t1")
+                t2s[gi, j] = reg(m, adv, shift_round_sat(m, t2p[gi, j], k2s[gi, j], 48, TERM_LIMIT_BITS, "t2"),
+                                 signed(TERM_LIMIT_BITS + 1), name="t2")
+
+        # stage D: score = sat_31(T1 - T2)
+        scores = []
+        for j in range(nj):
+            for gi in range(G):
+                diff = comb(m, t1s[gi, j] - t2s[gi, j], signed(TERM_LIMIT_BITS + 2), "diff")
+                scores.append(saturate(m, diff, SCORE_BITS - 1, "score")[0:32])
+        with m.If(adv):
+            m.d.sync += [
+                self.o.valid.eq(vc),
+                self.o.payload.score.eq(Cat(*scores)),
+                self.o.payload.ntok.eq(ctlc[0:ntok_w]),
+                self.o.payload.tag.eq(ctlc[ntok_w:]),
+            ]
+        busy = 0
+        for v in valids:
+            busy = busy | v
+        m.d.comb += self.busy.eq(busy | self.o.valid)
+        return m

@@ -1,0 +1,153 @@
+"""Softmax weights (value pass): the exp2 unit and the per-token value weights
+(docs/numerics.md sections 6-7).
+
+    x = M - score;  n = x >> 16;  i = (x >> 8) & 0xFF;  r = x & 0xFF
+    v = T[i] - (((T[i] - T[i+1]) * r + 128) >> 8);   p = rshr(v, min(n, 62))
+    W = rshr(p * ms, E + 14 - xs - b);   Z = rshr(p * mz, E - 2 - xz)
+
+The table ROM is generated from `pmkvq_accel.model.attention.EXP2_TABLE` (one ROM per lane, so each
+maps to its own block RAM). `p`, `W` and `Z` come out per token lane and query head.
+"""
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from pmkvq_accel.model.attention import EXP2_TABLE
+
+from .arith import bf16_fields, comb, reg, shift_round
+from .config import DatapathConfig
+
+P_BITS = 33     # p in [0, 2^32]
+W_OUT = 27      # W < 2^26, carried signed
+Z_OUT = 44      # |Z| < 2^42
+LATENCY = 6
+
+
+def exp2_rom_init():
+    t = [int(v) for v in EXP2_TABLE]
+    return [t[i] | ((t[i] - t[i + 1]) << 33) for i in range(256)]
+
+
+class WeightUnit(wiring.Component):
+    def __init__(self, cfg: DatapathConfig, tag_width: int = 1):
+        if not isinstance(cfg, DatapathConfig):
+            raise TypeError(f"WeightUnit needs a DatapathConfig, got {cfg!r}")
+        self.cfg = cfg
+        nj, G = cfg.nj, cfg.groups
+        self.i_layout = data.StructLayout({
+            "score": unsigned(nj * G * 32),   # lane (j, g) at (j*G + g)*32, signed
+            "vmeta": unsigned(nj * 32),       # value scale | zero << 16 per token lane
+            "lb": unsigned(2),
+            "ntok": unsigned(nj.bit_length()),
+            "tag": unsigned(tag_width),
+        })
+        self.o_layout = data.StructLayout({
+            "p": unsigned(nj * G * P_BITS),
+            "w": unsigned(nj * G * W_OUT),
+            "z": unsigned(nj * G * Z_OUT),
+            "ntok": unsigned(nj.bit_length()),
+            "tag": unsigned(tag_width),
+        })
+        super().__init__({
+            "i": In(stream.Signature(self.i_layout)),
+            "o": Out(stream.Signature(self.o_layout)),
+            "m": In(G * 32),     # run maximum per head, signed
+            "e": In(12),         # value magnitude exponent E, signed
+        })
+
+    def elaborate(self, platform):
+        cfg = self.cfg
+        nj, G = cfg.nj, cfg.groups
+        m = Module()
+        adv = Signal()
+        m.d.comb += [adv.eq(~self.o.valid | self.o.ready), self.i.ready.eq(adv)]
+        p = self.i.payload
+        E = self.e.as_signed()
+        init = exp2_rom_init()
+
+        ctl = Cat(p.vmeta, p.lb, p.ntok, p.tag)
+        v1 = reg(m, adv, self.i.valid, name="wv1")
+        c1 = reg(m, adv, ctl, name="wc1")
+        xs1 = {}
+        for j in range(nj):
+            for gi in range(G):
+                sc = p.score[(j * G + gi) * 32:(j * G + gi + 1) * 32].as_signed()
+                mx = self.m[gi * 32:(gi + 1) * 32].as_signed()
+                x = comb(m, mx - sc, signed(34), "x")
+                xs1[j, gi] = reg(m, adv, Mux(x < 0, 0, x), unsigned(33), name="x1")
+
+        # stage 2: ROM read (synchronous, enabled with the pipeline)
+        v2 = reg(m, adv, v1, name="wv2")
+        c2 = reg(m, adv, c1, name="wc2")
+        stage2 = {}
+        for j in range(nj):
+            for gi in range(G):
+                x = xs1[j, gi]
+                rom = Memory(shape=unsigned(57), depth=256, init=init)
+                m.submodules[f"exp2_rom_{j}_{gi}"] = rom
+                rp = rom.read_port()
+                m.d.comb += [rp.addr.eq(x[8:16]), rp.en.eq(adv)]
+                n = comb(m, x[16:33], unsigned(17), "n")
+                nc = comb(m, Mux(n > 34, 34, n), unsigned(6), "nc")
+                stage2[j, gi] = (rp.data, reg(m, adv, x[0:8], name="r2"), reg(m, adv, nc, name="n2"))
+
+        # stage 3: linear interpolation
+        v3 = reg(m, adv, v2, name="wv3")
+        c3 = reg(m, adv, c2, name="wc3")
+        stage3 = {}
+        for (j, gi), (rd, r, n) in stage2.items():
+            t = rd[0:33]
+            dl = rd[33:57]
+            v = comb(m, t - ((dl * r + 128) >> 8), signed(35), "v")
+            stage3[j, gi] = (reg(m, adv, v[0:33], name="v3"), reg(m, adv, n, name="n3"))
+
+        # stage 4: p = rshr(v, n)
+        v4 = reg(m, adv, v3, name="wv4")
+        c4 = reg(m, adv, c3, name="wc4")
+        stage4 = {}
+        for (j, gi), (v, n) in stage3.items():
+            pv = shift_round(m, Cat(v, 0).as_signed(), Cat(n, 0).as_signed(), 35, 0, "p")
+            stage4[j, gi] = reg(m, adv, pv[0:33], name="p4")
+
+        # stage 5: p * ms, p * mz and the shift amounts
+        vmeta4 = c4[0:nj * 32]
+        lb4 = c4[nj * 32:nj * 32 + 2]
+        bits4 = comb(m, Mux(lb4 == 0, 2, Mux(lb4 == 1, 4, Mux(lb4 == 2, 8, 16))), unsigned(5), "bits")
+        v5 = reg(m, adv, v4, name="wv5")
+        c5 = reg(m, adv, c4[nj * 32 + 2:], name="wc5")
+        stage5 = {}
+        p5 = {}
+        for j in range(nj):
+            ms, xs = bf16_fields(m, vmeta4[j * 32:j * 32 + 16])
+            mz, xz = bf16_fields(m, vmeta4[j * 32 + 16:j * 32 + 32])
+            kw = comb(m, E + 14 - xs - bits4, signed(14), "kw")
+            kz = comb(m, E - 2 - xz, signed(14), "kz")
+            for gi in range(G):
+                pv = Cat(stage4[j, gi], 0).as_signed()
+                stage5[j, gi] = (reg(m, adv, pv * ms, signed(44), name="pm"),
+                                 reg(m, adv, pv * mz, signed(44), name="pz"),
+                                 reg(m, adv, kw, name="kw5"), reg(m, adv, kz, name="kz5"))
+                p5[j, gi] = reg(m, adv, stage4[j, gi], name="p5")
+
+        # stage 6: W and Z
+        ws, zs, ps = [], [], []
+        for j in range(nj):
+            for gi in range(G):
+                pm, pz, kw, kz = stage5[j, gi]
+                ws.append(shift_round(m, pm, kw, 43, 0, "w")[0:W_OUT])
+                zs.append(shift_round(m, pz, kz, 45, 2, "z")[0:Z_OUT])
+                ps.append(p5[j, gi])
+        ntok_w = nj.bit_length()
+        with m.If(adv):
+            m.d.sync += [
+                self.o.valid.eq(v5),
+                self.o.payload.p.eq(Cat(*ps)),
+                self.o.payload.w.eq(Cat(*ws)),
+                self.o.payload.z.eq(Cat(*zs)),
+                self.o.payload.ntok.eq(c5[0:ntok_w]),
+                self.o.payload.tag.eq(c5[ntok_w:]),
+            ]
+        return m
