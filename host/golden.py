@@ -62,8 +62,8 @@ def unpack_rows(rows: np.ndarray, bits: int, tokens: int, head_dim: int, out=Non
     Returns uint16 codes, or writes them into the float64 array `out` (MSB-aligned to 16 bits if msb)."""
     n = tokens * head_dim
     h = rows.shape[0]
-    if bits == 16:
-        codes = np.ascontiguousarray(rows[:, :2 * n]).view("<u2").reshape(h, tokens, head_dim)
+    if bits == 16:  # each row is contiguous, so it can be reinterpreted in place
+        codes = rows[:, :2 * n].view("<u2").reshape(h, tokens, head_dim)
     elif bits == 8:
         codes = rows[:, :n].reshape(h, tokens, head_dim)
     else:

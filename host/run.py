@@ -23,6 +23,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 DEFAULT_PROMPT = ("Explain in a few sentences how a key-value cache speeds up text generation in a transformer "
                   "language model, and why quantizing it saves memory.")
 
@@ -79,22 +81,22 @@ def fmt_bytes(n: float) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import numpy as np
-    import torch
-
-    from pmkvq_accel.host import table as host_table
-    from pmkvq_accel.host.decode import float_agreement, greedy_decode
     from pmkvq_accel.host.device import open_device
-    from pmkvq_accel.host.hf import kv_cache_for
-    from pmkvq_accel.model.llm import load_model
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-
-    device = open_device(args.board, xclbin=args.xclbin)  # fails fast, before the model loads
+    device = open_device(args.board, xclbin=args.xclbin)  # fails fast, before torch and the model load
     try:
-        model, tok = load_model(args.model, device="cpu")
+        import torch
+
+        from pmkvq_accel.host import table as host_table
+        from pmkvq_accel.host.decode import float_agreement, greedy_decode
+        from pmkvq_accel.host.hf import kv_cache_for
+        from pmkvq_accel.model.llm import load_model, resolve_model_dir
+        from transformers import AutoConfig
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
         model_id = Path(args.model).stem if args.model.endswith(".gguf") else Path(args.model).name
-        table, table_label = host_table.load_for_model(model, args.table, model_id)
+        config = AutoConfig.from_pretrained(resolve_model_dir(args.model))  # check the table before the weights
+        table, table_label = host_table.load_for_model(config, args.table, model_id)
+        model, tok = load_model(args.model, device="cpu")
         reparam = host_table.apply_reparam(model, table)
         prompt = build_prompt(tok, args)
         total = len(prompt) + args.max_new_tokens
@@ -160,8 +162,6 @@ def cli() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-
-import numpy as np  # noqa: E402  (used by report)
 
 if __name__ == "__main__":
     sys.exit(cli())

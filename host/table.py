@@ -65,22 +65,23 @@ def _calib():
     return calib_table
 
 
-def load_for_model(model, path=None, model_id: str = "?"):
-    """(table, label): the table at `path`, else the committed table for the default model, else the fallback.
-    A table made for another model raises calib's TableMismatchError (a ValueError)."""
-    from .hf import model_geometry
+def load_for_model(config, path=None, model_id: str = "?"):
+    """(table, label) for a model with this transformers config: the table at `path`, else the committed
+    table of the default model, else the built-in fallback. A table made for another model raises calib's
+    TableMismatchError (a ValueError)."""
     ct = _calib()
     if path is not None:
         if ct is None:
             raise FileNotFoundError("loading a bit-width table needs calib/table.py, which is not available")
-        table = ct.load_table(path, model.config)
-        return table, f"{Path(path)}"
+        return ct.load_table(path, config), f"{Path(path)}"
     if ct is not None:
         default = ct.default_table_path(model_id) if model_id != "?" else ct.default_table_path()
         if Path(default).is_file():
-            return ct.load_table(default, model.config), f"{default} (committed)"
-    hkv, hd, _ = model_geometry(model)
-    fb = fallback_table(model.config.num_hidden_layers, hkv, hd, model_id)
+            return ct.load_table(default, config), f"{default} (committed)"
+    hq = config.num_attention_heads
+    hkv = getattr(config, "num_key_value_heads", None) or hq
+    hd = getattr(config, "head_dim", None) or config.hidden_size // hq
+    fb = fallback_table(config.num_hidden_layers, hkv, hd, model_id)
     return fb, fb.label
 
 

@@ -1,0 +1,158 @@
+"""Host KV cache manager against the model/cache.py reference: random append sequences with shrinks, every token
+present with the widths the schedule says, only the new token's bytes uploaded per step, clear errors."""
+import numpy as np
+import pytest
+
+from pmkvq_accel.host.device import GoldenDevice
+from pmkvq_accel.host.kvcache import ContextTooLong, DeviceKVCache
+from pmkvq_accel.model.attention import Query, attention, quantize_query
+from pmkvq_accel.model.cache import BudgetError, CacheConfig, ProgressiveStore, budget_for_width, shrink_schedule
+
+
+def same_blocks(a, b):
+    assert [x.bits for x in a] == [y.bits for y in b]
+    for x, y in zip(a, b):
+        assert np.array_equal(x.codes, y.codes)
+        assert np.array_equal(x.scale, y.scale) and np.array_equal(x.zero, y.zero)
+
+
+CASES = [  # (n_kv_heads, head_dim, n_sink, window, key width, value width, max_len, count_metadata)
+    (2, 32, 2, 8, 2, 4, 300, True),
+    (3, 64, 1, 4, 8, 2, 200, False),
+    (1, 32, 0, 16, 16, 8, 150, True),
+    (3, 64, 4, 12, 4, 4, 260, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_random_appends_match_reference(case):
+    heads, hd, sink, window, kbits, vbits, max_len, meta = case
+    rng = np.random.default_rng(sum(case[:7]))
+    cfg = CacheConfig(heads, hd, sink, window, count_metadata=meta)
+    kb, vb = budget_for_width(cfg, kbits, max_len), budget_for_width(cfg, vbits, max_len)
+    kv = DeviceKVCache(GoldenDevice(), [cfg, cfg], [kb, vb], [vb, kb], max_len, group=2)
+    ref = [(ProgressiveStore(cfg, kb), ProgressiveStore(cfg, vb)), (ProgressiveStore(cfg, vb), ProgressiveStore(cfg, kb))]
+    n = 0
+    while n < max_len:
+        T = int(min(rng.choice([1, 1, 1, 2, 5, 17, 40]), max_len - n))
+        n += T
+        for layer in (0, 1):
+            k = rng.normal(size=(heads, T, hd)) * rng.uniform(0.1, 5)
+            v = rng.normal(size=(heads, T, hd)) + rng.normal()
+            kv.append(layer, k, v)
+            ref[layer][0].append(k)
+            ref[layer][1].append(v)
+        for layer in (0, 1):
+            for i, kind in enumerate("kv"):
+                store = ref[layer][i]
+                assert kv.widths(layer)[i] == store.body_bits
+                assert kv.events(layer)[i] == store.events
+                for h in range(heads):
+                    same_blocks(kv.blocks(layer, h, kind), store.blocks(h))
+                    assert sum(b.tokens for b in kv.blocks(layer, h, kind)) == n  # nothing lost
+    # the widths at the end are what the reference schedule says for this many tokens
+    assert kv.widths(0) == (kbits, vbits) and kv.widths(1) == (vbits, kbits)
+    assert kv.events(0)[0] == shrink_schedule(cfg, kb, max_len)
+    assert kv.memory_bytes(True) == sum(s.memory_bytes(True) for pair in ref for s in pair)
+    assert kv.memory_bytes(False) == sum(s.memory_bytes(False) for pair in ref for s in pair)
+    assert kv.fp16_bytes() == 2 * 2 * n * heads * hd * 2
+
+
+def test_attention_equals_golden_model_on_reference_cache():
+    rng = np.random.default_rng(5)
+    cfg = CacheConfig(3, 64, 1, 16)
+    max_len = 240
+    kb, vb = budget_for_width(cfg, 2, max_len), budget_for_width(cfg, 4, max_len)
+    kv = DeviceKVCache(GoldenDevice(), [cfg], [kb], [vb], max_len, group=3)
+    ks, vs = ProgressiveStore(cfg, kb), ProgressiveStore(cfg, vb)
+    for T in (50, 70, 1, 1, 100, 3):
+        k, v = rng.normal(size=(3, T, 64)), rng.normal(size=(3, T, 64))
+        kv.append(0, k, v)
+        ks.append(k)
+        vs.append(v)
+        q = rng.normal(size=(9, 64)) * 2
+        out = kv.attention(0, q, 0.125)
+        qq = quantize_query(q, 0.125)
+        ref = np.concatenate([attention(Query(qq.codes[3 * h:3 * h + 3], qq.exp[3 * h:3 * h + 3]),
+                                        ks.blocks(h), vs.blocks(h)) for h in range(3)])
+        assert np.array_equal(out, ref)
+    assert kv.widths(0) == (2, 4)
+
+
+class CountingDevice(GoldenDevice):
+    """Counts the bytes the host writes into device memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.written = 0
+
+    def allocate(self, nbytes, bank=0):
+        buf = super().allocate(nbytes, bank)
+        write = buf.write
+
+        def counted(offset, data):
+            self.written += np.asarray(data).nbytes
+            write(offset, data)
+        buf.write = counted
+        return buf
+
+
+def test_decode_step_uploads_only_the_new_token():
+    cfg = CacheConfig(3, 64, 1, 8)
+    max_len = 400
+    dev = CountingDevice()
+    kv = DeviceKVCache(dev, [cfg], [budget_for_width(cfg, 2, max_len)], [budget_for_width(cfg, 2, max_len)],
+                       max_len, group=3)
+    rng = np.random.default_rng(0)
+    kv.append(0, rng.normal(size=(3, 300, 64)), rng.normal(size=(3, 300, 64)))
+    flushes = kv.device.kernel.launches["FLUSH"]
+    per_token = 2 * 3 * (64 * 2 + 4)  # K and V: 16-bit codes and one metadata word per KV head
+    query_bytes = kv.qdt.itemsize * 9
+    for _ in range(20):  # crosses window flushes and a shrink: those run on the device, not through uploads
+        dev.written = 0
+        kv.append(0, rng.normal(size=(3, 1, 64)), rng.normal(size=(3, 1, 64)))
+        assert dev.written == per_token
+        dev.written = 0
+        kv.attention(0, rng.normal(size=(9, 64)), 0.125)
+        assert dev.written == query_bytes
+    assert kv.device.kernel.launches["FLUSH"] > flushes
+    assert kv.device.kernel.launches["SHRINK"] > 0
+
+
+def test_budget_too_small_is_a_clear_error():
+    cfg = CacheConfig(3, 64, 1, 16)
+    small = budget_for_width(cfg, 2, 1000) * 0.9
+    with pytest.raises(BudgetError, match="layer 1: budget of .* too small"):
+        DeviceKVCache(GoldenDevice(), [cfg, cfg], [1e9, small], [1e9, 1e9], 1000, group=3)
+
+
+def test_context_longer_than_max_len():
+    cfg = CacheConfig(1, 32, 1, 8)
+    kv = DeviceKVCache(GoldenDevice(), [cfg], [1e6], [1e6], 10, group=1)
+    kv.append(0, np.zeros((1, 10, 32)), np.zeros((1, 10, 32)))
+    with pytest.raises(ContextTooLong, match="exceed the cache's max_len 10"):
+        kv.append(0, np.zeros((1, 1, 32)), np.zeros((1, 1, 32)))
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(head_dim=48), "head_dim 48"),
+    (dict(head_dim=64, window=6), "window 6"),
+])
+def test_bad_cache_config(kw, msg):
+    cfg = CacheConfig(1, kw["head_dim"], 1, kw.get("window", 8))
+    with pytest.raises(ValueError, match=msg):
+        DeviceKVCache(GoldenDevice(), [cfg], [1e6], [1e6], 100, group=1)
+
+
+def test_bad_shapes_and_group():
+    cfg = CacheConfig(2, 32, 1, 8)
+    with pytest.raises(ValueError, match="1..8"):
+        DeviceKVCache(GoldenDevice(), [cfg], [1e6], [1e6], 100, group=9)
+    kv = DeviceKVCache(GoldenDevice(), [cfg], [1e6], [1e6], 100, group=2)
+    with pytest.raises(ValueError, match="n_kv_heads=2"):
+        kv.append(0, np.zeros((3, 1, 32)), np.zeros((3, 1, 32)))
+    with pytest.raises(ValueError, match="empty cache"):
+        kv.attention(0, np.zeros((4, 32)), 0.1)
+    kv.append(0, np.ones((2, 1, 32)), np.ones((2, 1, 32)))
+    with pytest.raises(ValueError, match=r"query must be \(4, 32\)"):
+        kv.attention(0, np.zeros((2, 32)), 0.1)
