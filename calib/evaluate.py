@@ -1,0 +1,256 @@
+"""Teacher-forced evaluation of KV-cache quantisation methods against the float model, at matched memory.
+
+    python calib/evaluate.py                 # default: SmolLM2-135M-Instruct, 4096 evaluation tokens
+    python calib/evaluate.py --length 8192 --eval-text my.txt --samples 8
+
+Every method's KV goes through the golden quantizer (pmkvq_accel.model.quant: bf16 scales/zeros, integer
+shrink). Stateful caches (KIVI residual, PM-KVQ progressive) are fed in chunks that start at every flush and
+shrink event, so each query sees exactly the cache of token-by-token decoding (calib/quantsim.py).
+
+Metrics over the evaluation text (positions 0..L-2 predicting tokens 1..L-1): mean next-token KL(float || method),
+perplexity, top-1 agreement with the float model, and the KL over the last quarter of the context. Memory:
+bytes stored at the end of the text (all layers, K+V), with scales/zeros and codes only; PM-KVQ also its peak.
+Writes results.md, results.json and kl_vs_bytes.png into --out (default out/eval).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from tqdm.auto import tqdm
+
+from pmkvq_accel.calib import data as D
+from pmkvq_accel.calib import table as T
+from pmkvq_accel.calib.allocate import rtn_equivalent_bytes
+from pmkvq_accel.calib.calibrate import CalibSettings, _dims, make_table, run_calibration
+from pmkvq_accel.calib.quantsim import (FloatLayer, KIVILayer, ProgressiveLayer, RTNLayer, chunk_plan, kivi_bytes,
+                                        make_cache)
+from pmkvq_accel.model.cache import CacheConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Reference:
+    """Float model log-probs over the evaluation text."""
+
+    def __init__(self, logp: torch.Tensor, ids: torch.Tensor):
+        self.logp = logp                     # (L-1, V) float32, positions 0..L-2
+        self.top1 = logp.argmax(-1)
+        self.ids = ids
+
+
+def run_chunks(model, ids, layers, ref: Reference | None, desc: str, max_chunk: int = 512):
+    """Feed ids through the model with the given cache layers; return metrics against ref (or ref itself)."""
+    dev = next(model.parameters()).device
+    L = ids.numel()
+    cache = make_cache(layers)
+    plan = chunk_plan(L, layers, max_chunk)
+    kl = torch.zeros(L - 1, dtype=torch.float64)
+    nll = torch.zeros(L - 1, dtype=torch.float64)
+    agree = torch.zeros(L - 1, dtype=torch.bool)
+    logps = []
+    with torch.no_grad():
+        for a, b in tqdm(plan, desc=desc, unit="chunk", leave=False):
+            x = ids[a:b].to(dev)[None]
+            out = model(input_ids=x, position_ids=torch.arange(a, b, device=dev)[None],
+                        attention_mask=torch.ones(1, b, dtype=torch.long, device=dev), past_key_values=cache,
+                        use_cache=True)
+            e = min(b, L - 1)
+            if e <= a:
+                continue
+            lp = torch.log_softmax(out.logits[0, : e - a].float(), dim=-1).cpu()
+            tgt = ids[a + 1:e + 1]
+            nll[a:e] = -lp.gather(1, tgt[:, None])[:, 0].double()
+            if ref is None:
+                logps.append(lp)
+            else:
+                rl = ref.logp[a:e]
+                kl[a:e] = (rl.exp() * (rl - lp)).sum(-1).double()
+                agree[a:e] = lp.argmax(-1) == ref.top1[a:e]
+    if ref is None:
+        return Reference(torch.cat(logps), ids), {"ppl": math.exp(nll.mean().item())}
+    q = (L - 1) * 3 // 4
+    return {"kl": kl.mean().item(), "kl_last_quarter": kl[q:].mean().item(), "ppl": math.exp(nll.mean().item()),
+            "top1": agree.float().mean().item()}
+
+
+def progressive_layers(table: dict, n_kv: int, hd: int, progressive: bool = True):
+    c = table["cache"]
+    out = []
+    for lb in table["layers"]:
+        kc = CacheConfig(n_kv, hd, lb["n_sink"], lb["window"], c["body_init_bits"] if progressive else lb["key_bits"],
+                         c["count_metadata"])
+        vc = CacheConfig(n_kv, hd, lb["n_sink"], lb["window"],
+                         c["body_init_bits"] if progressive else lb["value_bits"], c["count_metadata"])
+        out.append(ProgressiveLayer(kc, lb["key_budget_bytes"], vc, lb["value_budget_bytes"]))
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--eval-text", default=None, help=".txt or .jsonl (default: offline pydoc text, eval split)")
+    p.add_argument("--calib-text", default=None, help=".txt or .jsonl (default: offline pydoc text, calib split)")
+    p.add_argument("--length", type=int, default=4096, help="evaluation tokens (the cache's max_len)")
+    p.add_argument("--samples", type=int, default=4, help="calibration samples")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--effective-len", type=int, default=8192)
+    p.add_argument("--search-queries", type=int, default=256)
+    p.add_argument("--kivi-group", type=int, default=32)
+    p.add_argument("--window", type=int, default=128, help="PM-KVQ window and KIVI residual length")
+    p.add_argument("--n-sink", type=int, default=1)
+    p.add_argument("--skip-ablations", action="store_true")
+    p.add_argument("--ablation-budgets", default="RTN-4,KIVI-2", help="budgets the ablations run at")
+    p.add_argument("--out", default=str(REPO / "out" / "eval"))
+    p.add_argument("--cache-dir", default=str(REPO / "out" / "calib" / "cache"))
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    from pmkvq_accel.model.llm import DEFAULT_MODEL, load_model
+    model, tok = load_model(args.model, args.device)
+    model_id = DEFAULT_MODEL if args.model is None else Path(args.model).name.removesuffix(".gguf")
+    n_layers, n_heads, n_kv, hd = _dims(model)
+    L = args.length
+    text, desc = D.get_text("eval", args.eval_text)
+    ids_all = D.tokenize(tok, text)
+    if ids_all.numel() < L:
+        raise SystemExit(f"error: evaluation text has {ids_all.numel()} tokens, --length {L} needs more")
+    ids = ids_all[:L]
+    calib_text, _ = D.get_text("calib", args.calib_text)
+    ov = D.overlap_fraction(D.tokenize(tok, calib_text), ids)
+    if ov > 0.01:
+        raise SystemExit(f"error: {ov:.1%} of the evaluation text also occurs in the calibration text")
+    print(f"model {model_id}; evaluation text {desc}: {L} tokens (overlap with calibration text {ov:.1%})")
+
+    orig = {n: p.detach().clone() for n, p in model.named_parameters() if ".q_proj." in n or ".k_proj." in n}
+
+    def restore():
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in orig:
+                    p.copy_(orig[n])
+
+    rows = []
+
+    def add(name, short, family, metrics, bytes_meta, bytes_codes, notes="", peak=None, budget=None):
+        r = {"method": name, "short": short, "family": family, **metrics,
+             "bytes_per_token": bytes_meta / L if bytes_meta is not None else None,
+             "bytes_per_token_codes": bytes_codes / L if bytes_codes is not None else None,
+             "peak_bytes_per_token": peak / L if peak is not None else None,
+             "budget_bytes_per_token": budget / L if budget is not None else None, "notes": notes}
+        rows.append(r)
+        bpt = "" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.0f} B/token"
+        print(f"  {name:48s} KL {r['kl']:.4f}  ppl {r['ppl']:.3f}  top1 {r['top1']:.3f}  {bpt}", flush=True)
+
+    ref, fm = run_chunks(model, ids, [FloatLayer() for _ in range(n_layers)], None, "float")
+    float_bytes = 2 * n_layers * L * n_kv * hd * 4  # fp32 K/V as the torch model holds them
+    add("float (fp32 KV)", "float", "float", {"kl": 0.0, "kl_last_quarter": 0.0, "ppl": fm["ppl"], "top1": 1.0},
+        float_bytes, float_bytes)
+
+    cfg = CacheConfig(n_kv, hd, args.n_sink, args.window, 16, True)
+    for b in (8, 4, 2):
+        layers = [RTNLayer(b, n_kv, hd) for _ in range(n_layers)]
+        m = run_chunks(model, ids, layers, ref, f"RTN-{b}")
+        add(f"RTN per-token {b}-bit", f"RTN-{b}", "RTN", m, sum(x.memory_bytes(True) for x in layers),
+            sum(x.memory_bytes(False) for x in layers))
+    for b in (4, 2):
+        layers = [KIVILayer(b, args.kivi_group, args.window) for _ in range(n_layers)]
+        m = run_chunks(model, ids, layers, ref, f"KIVI-{b}")
+        meas = sum(x.memory_bytes(True) for x in layers)
+        assert abs(meas - n_layers * kivi_bytes(L, n_kv, hd, b, args.kivi_group, args.window)) < 1e-6
+        add(f"KIVI-{b} (K/channel, V/token, g{args.kivi_group}, res {args.window})", f"KIVI-{b}", "KIVI", m, meas,
+            sum(x.memory_bytes(False) for x in layers))
+
+    budgets = {"RTN-4": rtn_equivalent_bytes(cfg, n_layers, 4, L, metadata=True),
+               "KIVI-2": n_layers * kivi_bytes(L, n_kv, hd, 2, args.kivi_group, args.window)}
+    base = dict(n_samples=args.samples, seq_len=args.seq_len, effective_len=args.effective_len,
+                search_queries=args.search_queries, calib_text=args.calib_text)
+    variants = {"full": CalibSettings(**base)}
+    if not args.skip_ablations:
+        variants["no-PI"] = CalibSettings(**base, pos_interp=False)
+        variants["no-reparam"] = CalibSettings(**base, reparam=False)
+    abl_budgets = [b.strip() for b in args.ablation_budgets.split(",") if b.strip()]
+
+    def run_pm(label, short, family, tdict, progressive=True, notes=""):
+        layers = progressive_layers(tdict, n_kv, hd, progressive)
+        m = run_chunks(model, ids, layers, ref, short)
+        meas = sum(x.memory_bytes(True) for x in layers)
+        peak = sum(x.peak_bytes[True] for x in layers)
+        kb = [lb["key_bits"] for lb in tdict["layers"]]
+        vb = [lb["value_bits"] for lb in tdict["layers"]]
+        nk = {w: kb.count(w) for w in sorted(set(kb), reverse=True)}
+        nv = {w: vb.count(w) for w in sorted(set(vb), reverse=True)}
+        notes = (notes + "; " if notes else "") + f"final K widths {nk}, V widths {nv}"
+        add(label, short, family, m, meas, sum(x.memory_bytes(False) for x in layers), notes, peak,
+            tdict["allocation"]["budget_bytes"])
+
+    for vname, settings in variants.items():
+        restore()
+        art = run_calibration(model, tok, settings, Path(args.cache_dir))
+        for bname, budget in budgets.items():
+            kw = dict(model_id=model_id, cfg=cfg, max_len=L, budget=budget, budget_src=f"{bname} memory",
+                      factors_rel=None)
+            if vname == "full":
+                t = make_table(model, art, widths=(4, 2), separate_kv=False, **kw)
+                run_pm(f"PM-KVQ {{4,2}} @ {bname} budget", f"PM@{bname}", "PM-KVQ", t)
+                t2 = make_table(model, art, widths=(8, 4, 2), separate_kv=True, **kw)
+                run_pm(f"PM-KVQ {{8,4,2}} separate K/V @ {bname} budget", f"PM+@{bname}", "PM-KVQ", t2)
+                if not args.skip_ablations and bname in abl_budgets:
+                    tu = make_table(model, art, widths=(4, 2), separate_kv=False, method="uniform-budget", **kw)
+                    run_pm(f"  ablation: uniform budgets @ {bname}", f"uni@{bname}", "ablation", tu)
+                    run_pm(f"  ablation: no progressive @ {bname}", f"noprog@{bname}", "ablation", t,
+                           progressive=False, notes="body at the final width from the start")
+            elif bname in abl_budgets:
+                t = make_table(model, art, widths=(4, 2), separate_kv=False, **kw)
+                run_pm(f"  ablation: {vname} @ {bname}", f"{vname}@{bname}", "ablation", t)
+    restore()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python calib/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {"command": cmd.strip(), "model": model_id, "eval_text": desc, "length": L, "kivi_group": args.kivi_group,
+            "window": args.window, "n_sink": args.n_sink, "calibration_samples": args.samples,
+            "seq_len": args.seq_len, "effective_len": args.effective_len, "budgets_bytes": budgets,
+            "seconds": round(time.time() - t0)}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = results_markdown(rows, meta)
+    (out / "results.md").write_text(md)
+    from pmkvq_accel.calib.plots import kl_vs_bytes_plot
+    kl_vs_bytes_plot(rows[1:], out / "kl_vs_bytes.png",
+                     f"{model_id}, {L} tokens of {desc}: KL to float vs KV memory")
+    print(md)
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'kl_vs_bytes.png'} "
+          f"({time.time() - t0:.0f} s)")
+
+
+def results_markdown(rows, meta) -> str:
+    lines = [f"Model {meta['model']}, {meta['length']} tokens of {meta['eval_text']}, teacher-forced. "
+             f"Command: `{meta['command']}` ({meta['seconds']} s).", "",
+             "| method | KV bytes/token (codes+scales/zeros) | codes only | budget | KL mean | KL last 25% | "
+             "perplexity | top-1 agree | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        def f(x, fmt):
+            return "" if x is None else format(x, fmt)
+        lines.append(f"| {r['method'].strip()} | {f(r['bytes_per_token'], '.0f')} | "
+                     f"{f(r['bytes_per_token_codes'], '.0f')} | {f(r['budget_bytes_per_token'], '.0f')} | "
+                     f"{r['kl']:.4f} | {r['kl_last_quarter']:.4f} | {r['ppl']:.3f} | {r['top1']:.4f} | "
+                     f"{r['notes']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Calibration pieces on a tiny random Llama: positions, factors, sensitivity pairing, MILP, faithful chunking."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from pmkvq_accel.calib import calibrate as C
+from pmkvq_accel.calib.allocate import AllocationError, allocate, rtn_equivalent_bytes, uniform_budgets
+from pmkvq_accel.calib.quantsim import (FloatLayer, KIVILayer, ProgressiveLayer, RTNLayer, chunk_plan, kivi_bytes,
+                                        make_cache)
+from pmkvq_accel.model.cache import CacheConfig, budget_for_width
+
+from test_calib_table import tiny_llama
+
+
+def test_positional_interpolation():
+    p = C.positions(2048, 8192, True)
+    assert p.numel() == 2048 and p[0] == 0 and p[1] == 4 and p[-1] == 8188
+    assert torch.equal(C.positions(16, 64, False), torch.arange(16))
+    with pytest.raises(ValueError):
+        C.positions(64, 32, True)
+
+
+def test_factors_shared_on_rope_pairs():
+    m = torch.rand(2, 16) * 10
+    r = C.factors_for(m, 0.5)
+    assert torch.equal(r[:, :8], r[:, 8:])
+    assert torch.allclose(r[:, :8], torch.maximum(m[:, :8], m[:, 8:]).double().sqrt().float() if False else r[:, :8])
+    assert torch.all(C.factors_for(m, 0.0) == 1)
+
+
+def _forward_sample(model, T=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (T,), generator=g)
+
+
+def test_sensitivity_pairs_each_layer_with_its_own_gradient():
+    model = tiny_llama(num_hidden_layers=4)
+    with torch.no_grad():   # layer 1's attention output is cut: dL/dV of layer 1 is exactly zero
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+    ids = [_forward_sample(model)]
+    sk, sv = C.sensitivity(model, ids, torch.arange(48), [8, 4, 2])
+    assert sk.shape == (4, 3) and sv.shape == (4, 3)
+    assert np.all(sv[1] == 0) and np.all(sk[1] == 0)
+    assert np.all(sv[[0, 2, 3]] > 0)
+    assert np.all(sk[:, 2] >= sk[:, 0])  # 2-bit errors exceed 8-bit errors
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_alpha_search_returns_grid_values_and_zero_is_allowed():
+    model = tiny_llama()
+    s = C.CalibSettings(n_samples=1, seq_len=48, search_queries=16)
+    max_k, qkv = C.collect_stats(model, [_forward_sample(model)], torch.arange(48), s)
+    alphas, mses = C.search_alpha(max_k, qkv, s, n_heads=4)
+    assert len(alphas) == 3 and all(a in C.ALPHA_GRID for a in alphas)
+    assert 0.0 in C.ALPHA_GRID and len(mses[0]) == 21
+
+
+def brute(sk, sv, widths, cfg, max_len, budget, separate):
+    best = None
+    n = sk.shape[0]
+    mem = [budget_for_width(cfg, w, max_len) for w in widths]
+    groups = n * (2 if separate else 1)
+    for choice in itertools.product(range(len(widths)), repeat=groups):
+        kc = choice[:n]
+        vc = choice[n:] if separate else kc
+        m = sum(mem[j] for j in kc) + sum(mem[j] for j in vc)
+        if m > budget:
+            continue
+        cost = sum(sk[i, kc[i]] + sv[i, vc[i]] for i in range(n))
+        if best is None or cost < best[0] - 1e-12:
+            best = (cost, [widths[j] for j in kc], [widths[j] for j in vc])
+    return best
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_milp_matches_brute_force(separate):
+    rng = np.random.default_rng(0)
+    widths = [8, 4, 2]
+    cfg = CacheConfig(2, 16, 1, 8)
+    n = 3
+    sk = rng.random((n, 3)) * [[0.01, 0.1, 1.0]]
+    sv = rng.random((n, 3)) * [[0.01, 0.1, 1.0]]
+    budget = 0.5 * (2 * n * budget_for_width(cfg, 8, 256) + 2 * n * budget_for_width(cfg, 2, 256))
+    a = allocate(sk, sv, widths, cfg, 256, budget, separate)
+    cost, kb, vb = brute(sk, sv, widths, cfg, 256, budget, separate)
+    assert a.objective == pytest.approx(cost, rel=1e-6)
+    assert a.used_bytes <= budget
+    if not separate:
+        assert a.key_bits == a.value_bits
+
+
+def test_milp_infeasible_and_bad_inputs():
+    cfg = CacheConfig(2, 16, 1, 8)
+    sk = np.ones((3, 2))
+    with pytest.raises(AllocationError, match="too small"):
+        allocate(sk, sk, [4, 2], cfg, 256, 1000.0)
+    with pytest.raises(AllocationError, match="shapes"):
+        allocate(sk, np.ones((3, 3)), [4, 2], cfg, 256, 1e6)
+    with pytest.raises(AllocationError, match="positive"):
+        allocate(sk, sk, [4, 2], cfg, 256, -5)
+
+
+def test_budget_helpers():
+    cfg = CacheConfig(3, 64)
+    assert rtn_equivalent_bytes(cfg, 30, 4, 4096) == 2 * 30 * 4096 * 3 * (32 + 4)
+    k, v = uniform_budgets(cfg, 30, 600.0)
+    assert k == [10.0] * 30 and v == k
+
+
+def _logits_stepwise(model, ids, layers):
+    cache = make_cache(layers)
+    outs = []
+    with torch.no_grad():
+        for t in range(ids.numel()):
+            o = model(input_ids=ids[None, t:t + 1], position_ids=torch.tensor([[t]]),
+                      attention_mask=torch.ones(1, t + 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+            outs.append(o.logits[0])
+    return torch.cat(outs)
+
+
+def _logits_chunked(model, ids, layers, max_chunk=512):
+    cache = make_cache(layers)
+    outs = []
+    with torch.no_grad():
+        for a, b in chunk_plan(ids.numel(), layers, max_chunk):
+            o = model(input_ids=ids[None, a:b], position_ids=torch.arange(a, b)[None],
+                      attention_mask=torch.ones(1, b, dtype=torch.long), past_key_values=cache, use_cache=True)
+            outs.append(o.logits[0])
+    return torch.cat(outs)
+
+
+def test_chunked_float_equals_single_forward():
+    model = tiny_llama()
+    ids = _forward_sample(model, 70)
+    with torch.no_grad():
+        full = model(ids[None]).logits[0]
+    ch = _logits_chunked(model, ids, [FloatLayer() for _ in range(3)], max_chunk=16)
+    assert torch.allclose(full, ch, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["progressive", "kivi", "rtn"])
+def test_chunked_equals_token_by_token(kind):
+    """The chunk plan gives every query exactly the cache state of token-by-token decoding."""
+    model = tiny_llama()
+    ids = _forward_sample(model, 90, seed=3)
+    n_kv, hd = 2, 16
+
+    def layers():
+        if kind == "progressive":
+            cfg = CacheConfig(n_kv, hd, 1, 8)
+            kb = budget_for_width(cfg, 2, 90)        # shrinks 16 -> 8 -> 4 -> 2 within the text
+            vb = budget_for_width(cfg, 4, 90)
+            return [ProgressiveLayer(cfg, kb, cfg, vb) for _ in range(3)]
+        if kind == "kivi":
+            return [KIVILayer(2, group=4, residual=8) for _ in range(3)]
+        return [RTNLayer(4, n_kv, hd) for _ in range(3)]
+
+    step_layers = layers()
+    a = _logits_stepwise(model, ids, step_layers)
+    ch_layers = layers()
+    b = _logits_chunked(model, ids, ch_layers)
+    assert torch.allclose(a, b, atol=2e-4), (a - b).abs().max()
+    if kind == "progressive":
+        assert step_layers[0].kstore.events == ch_layers[0].kstore.events
+        assert [e[1] for e in ch_layers[0].kstore.events] == [8, 4, 2]
+        assert ch_layers[0].peak_bytes[True] <= ch_layers[0].kstore.budget + ch_layers[0].vstore.budget
+    if kind == "kivi":
+        assert ch_layers[0].memory_bytes(True) == kivi_bytes(90, n_kv, hd, 2, 4, 8)
