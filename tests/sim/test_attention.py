@@ -5,7 +5,7 @@ from pmkvq_accel.hw.attention import DecodeAttention
 from pmkvq_accel.hw.config import DatapathConfig
 from pmkvq_accel.sim import runner
 
-STALLS = [(0.0, 0.0), (0.3, 0.5)]
+DEPS = ("arith.py", "attention.py", "config.py", "score.py", "softmax.py", "unpack.py", "values.py")
 
 CONFIGS = {
     # name: (datapath params, jobs)
@@ -17,6 +17,13 @@ CONFIGS = {
         dict(tokens=128, kbits=2, vbits=8, kind="equal", stalls=(0.0, 0.5)),
         dict(tokens=50, kbits=4, vbits=4, kind="saturate"),
     ]),
+    "w512_hd64_g3": (dict(word_bits=512, head_dim=64, groups=3, max_tokens=4096), [
+        dict(tokens=1030, kbits=2, vbits=2, stalls=(0.2, 0.3)),
+        dict(tokens=129, kbits=4, vbits=8, kind="outlier", split=50),
+        dict(tokens=127, kbits=16, vbits=2, kind="extreme", stalls=(0.3, 0.5)),
+        dict(tokens=2, kbits=8, vbits=8, kind="zeroq"),
+        dict(tokens=300, kbits=8, vbits=4, kind="dominant", sink=4, window=5, stalls=(0.1, 0.0)),
+    ]),
 }
 
 
@@ -24,5 +31,5 @@ CONFIGS = {
 def test_attention(name, tmp_path):
     params, jobs = CONFIGS[name]
     cfg = DatapathConfig(**params)
-    bdir = runner.build("attention", lambda: DecodeAttention(cfg), params)
+    bdir = runner.build("attention", lambda: DecodeAttention(cfg), params, deps=DEPS)
     runner.run(bdir, "pmkvq_accel.sim.tb_attention", tmp_path, {"dp": params, "jobs": jobs, "seed": 3})

@@ -1,0 +1,41 @@
+"""Build the whole kernel (hw/kernel.py) for Verilator, sharing sim/runner.py's build directories and locks.
+
+The kernel's top level has named ports (Vitis names), so it is exported with kernel_verilog() rather than
+the runner's Component conversion."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from . import runner
+
+KERNEL_FILES = ("axi.py", "kernel.py", "regmap.py")
+
+
+def build_kernel(engines: int = 1, word_bits: int = 128, head_dim: int = 64, groups: int = 3,
+                 max_tokens: int = 2048) -> Path:
+    from pmkvq_accel.hw.kernel import KernelConfig, kernel_verilog
+    from cocotb_tools.runner import get_runner
+    cfg = KernelConfig(engines=engines, word_bits=word_bits, head_dim=head_dim, groups=groups,
+                       max_tokens=max_tokens)
+    params = dict(e=engines, w=word_bits, hd=head_dim, g=groups, t=max_tokens)
+    runner._env_setup()
+    key = runner.design_key("kernel", params)
+    bdir = runner.BUILD_ROOT / key
+    stamp = bdir / "stamp"
+    h = hashlib.sha256(runner._source_hash(json.dumps(params, sort_keys=True)).encode())
+    for f in KERNEL_FILES:
+        h.update((runner.HW_DIR / f).read_bytes())
+    want = h.hexdigest()[:16]
+    with runner._locked(runner.BUILD_ROOT / f".{key}.lock"):
+        if stamp.exists() and stamp.read_text() == want and (bdir / "pmkvq_attn").exists():
+            return bdir
+        bdir.mkdir(parents=True, exist_ok=True)
+        vfile = bdir / "kernel.v"
+        vfile.write_text(kernel_verilog(cfg))
+        get_runner("verilator").build(sources=[vfile], hdl_toplevel="pmkvq_attn", build_dir=bdir,
+                                      build_args=runner.BUILD_ARGS, always=True, timescale=("1ns", "1ps"),
+                                      log_file=bdir / "build.log")
+        stamp.write_text(want)
+    return bdir

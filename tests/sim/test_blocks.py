@@ -1,0 +1,79 @@
+"""Each datapath block on Verilator against the golden model, under random stalls."""
+import pytest
+
+from pmkvq_accel.hw.config import DatapathConfig
+from pmkvq_accel.hw.score import ScoreUnit
+from pmkvq_accel.hw.softmax import WeightUnit
+from pmkvq_accel.hw.unpack import Unpack
+from pmkvq_accel.hw.values import ValueMac
+from pmkvq_accel.sim import runner
+
+TB = "pmkvq_accel.sim.tb_blocks"
+DP_SMALL = dict(word_bits=128, head_dim=64, groups=2)     # multi-word tokens at 8/16 bits, 1 token slot
+DP_WIDE = dict(word_bits=512, head_dim=64, groups=2)      # 4 token slots per word at 2 bits
+DP_NARROW = dict(word_bits=64, head_dim=128, groups=1)    # every width spans several words
+
+
+DEPS = {"unpack": ("arith.py", "config.py", "unpack.py"), "score": ("arith.py", "config.py", "score.py"),
+        "weight": ("arith.py", "config.py", "softmax.py"),
+        "mac": ("arith.py", "config.py", "softmax.py", "values.py"), "shrink": ("arith.py", "config.py", "shrink.py")}
+
+
+def _run(block, factory, dp, tmp_path, **cfg):
+    bdir = runner.build(block, factory, dp, deps=DEPS[block])
+    runner.run(bdir, TB, tmp_path, {"dp": dp, "block": block, "seed": 5, **cfg}, testcase=f"test_{block}")
+
+
+@pytest.mark.parametrize("dp", [DP_SMALL, DP_WIDE, DP_NARROW, dict(word_bits=256, head_dim=128, groups=1)],
+                         ids=["w128hd64", "w512hd64", "w64hd128", "w256hd128"])
+def test_unpack(dp, tmp_path):
+    cfg = DatapathConfig(**dp)
+    _run("unpack", lambda: Unpack(cfg, tag_width=8), dp, tmp_path, tag_width=8, beats=400)
+
+
+JOBS = [dict(tokens=40, kbits=2, vbits=2), dict(tokens=37, kbits=4, vbits=8, kind="outlier"),
+        dict(tokens=35, kbits=8, vbits=4, kind="extreme"), dict(tokens=33, kbits=2, vbits=16, kind="saturate")]
+
+
+@pytest.mark.parametrize("dp", [DP_SMALL, DP_WIDE], ids=["w128hd64", "w512hd64"])
+def test_score(dp, tmp_path):
+    cfg = DatapathConfig(**dp)
+    _run("score", lambda: ScoreUnit(cfg, tag_width=12), dp, tmp_path, tag_width=12, jobs=JOBS)
+
+
+@pytest.mark.parametrize("dp", [DP_SMALL, DP_WIDE], ids=["w128hd64", "w512hd64"])
+def test_weight(dp, tmp_path):
+    cfg = DatapathConfig(**dp)
+    _run("weight", lambda: WeightUnit(cfg, tag_width=12), dp, tmp_path, tag_width=12, jobs=JOBS)
+
+
+@pytest.mark.parametrize("dp", [DP_SMALL, DP_WIDE], ids=["w128hd64", "w512hd64"])
+def test_mac(dp, tmp_path):
+    cfg = DatapathConfig(**dp)
+    _run("mac", lambda: ValueMac(cfg), dp, tmp_path, runs=[1, 2, 17, 60])
+
+
+@pytest.mark.parametrize("word_bits", [512, 64])
+def test_shrink(word_bits, tmp_path):
+    from pmkvq_accel.hw.shrink import ShrinkUnit
+    dp = {"word_bits": word_bits}
+    bdir = runner.build("shrink", lambda: ShrinkUnit(word_bits), dp, deps=DEPS["shrink"])
+    runner.run(bdir, TB, tmp_path, {"block": "shrink", "word_bits": word_bits, "seed": 9,
+                                    "blocks": [(5, 64, 8), (3, 128, 4), (17, 64, 2), (1, 64, 2), (33, 128, 8)]},
+               testcase="test_shrink")
+
+
+def test_constructors_reject_bad_parameters():
+    from pmkvq_accel.hw.shrink import ShrinkUnit
+    with pytest.raises(ValueError, match="memory word width"):
+        DatapathConfig(word_bits=96)
+    with pytest.raises(ValueError, match="head_dim"):
+        DatapathConfig(head_dim=96)
+    with pytest.raises(ValueError, match="G"):
+        DatapathConfig(groups=9)
+    with pytest.raises(ValueError, match="max_tokens"):
+        DatapathConfig(max_tokens=70000)
+    with pytest.raises(ValueError, match="memory word width"):
+        ShrinkUnit(100)
+    with pytest.raises(TypeError, match="DatapathConfig"):
+        Unpack({"word_bits": 512})
