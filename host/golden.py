@@ -91,13 +91,36 @@ def read_meta(mem, address: int, stride: int, n_heads: int, first: int, tokens: 
 # ---------------------------------------------------------------------------------------------------------
 # The datapath, vectorised over KV heads (same integer arithmetic as model.attention.attention_partial)
 
-def attention_partials(qcodes, qexp, kcodes, kbits, kscale, kzero, vcodes, vbits, vscale, vzero):
-    """Partials for H KV heads at once.
-    qcodes (H, G, hd) int, qexp (H, G); kcodes/vcodes (H, T, hd) codes at their own widths;
-    kbits/vbits (T,) width of each token; scale/zero (H, T) bf16 patterns.
-    Returns m (H, G), L (H, G), acc (H, G, hd) int64, E (H,) int64."""
+CHUNK_TOKENS = 256  # codes are decoded to float64 a chunk at a time, so the matmuls read them from cache
+
+
+def iter_chunks(segments, head_dim: int, msb: bool, chunk: int | None = None):
+    """Decode packed code segments [(rows (H, bytes) uint8, bits, tokens)] in token order, a chunk at a time:
+    yields (first token, float64 codes (H, m, head_dim)); the array is reused between chunks."""
+    chunk = chunk or CHUNK_TOKENS
+    lo, scratch = 0, None
+    for rows, bits, n in segments:
+        per_token = head_dim * bits // 8  # whole bytes: head_dim is a multiple of 32
+        for t0 in range(0, n, chunk):
+            m = min(chunk, n - t0)
+            if scratch is None:
+                scratch = np.empty((rows.shape[0], chunk, head_dim))
+            yield lo + t0, unpack_rows(rows[:, t0 * per_token:(t0 + m) * per_token], bits, m, head_dim,
+                                       out=scratch[:, :m], msb=msb)
+        lo += n
+
+
+def attention_partials(qcodes, qexp, ksegs, kbits, kscale, kzero, vsegs, vbits, vscale, vzero):
+    """Partials for H KV heads at once (the integer arithmetic of model.attention.attention_partial).
+    qcodes (H, G, hd) int, qexp (H, G); ksegs/vsegs: packed code segments in token order
+    [(rows (H, bytes) uint8, bits, tokens)]; kbits/vbits (T,) width of each token; scale/zero (H, T) bf16
+    patterns. Returns m (H, G), L (H, G), acc (H, G, hd) int64, E (H,) int64."""
+    H, G, hd = qcodes.shape
     qf = qcodes.astype(np.float64)
-    d = np.matmul(qf, kcodes.transpose(0, 2, 1)).astype(np.int64)  # exact: |D| < 2^38
+    df = np.empty((H, G, kbits.size))
+    for lo, c in iter_chunks(ksegs, hd, msb=False):  # exact: |D| < 2^38
+        np.matmul(qf, c.transpose(0, 2, 1), out=df[:, :, lo:lo + c.shape[1]])
+    d = df.astype(np.int64)
     sq = qcodes.astype(np.int64).sum(axis=2)[:, :, None]
     ms, xs = bf16_fields(kscale)
     mz, xz = bf16_fields(kzero)
@@ -117,14 +140,12 @@ def attention_partials(qcodes, qexp, kcodes, kbits, kscale, kzero, vcodes, vbits
     Eb = E[:, None, None]
     w = shift_round(p * vms[:, None, :], Eb - ACC_UNIT_OFFSET + 48 - (vxs + vb)[:, None, :])
     z = shift_round(p * vmz[:, None, :], Eb - ACC_UNIT_OFFSET + P_FRAC - vxz[:, None, :])
-    c16 = vcodes
-    if int(w.sum(axis=2).max()) * 0xFFFF < (1 << 53):                       # every partial sum exact
-        wc = np.matmul(w.astype(np.float64), c16).astype(np.int64)
-    else:                                                                    # split W into 13-bit halves
-        wc = (np.matmul((w >> 13).astype(np.float64), c16).astype(np.int64) << 13) + \
-            np.matmul((w & 0x1FFF).astype(np.float64), c16).astype(np.int64)
-    acc = wc - z.sum(axis=2)[:, :, None]
-    return m, p.sum(axis=2), acc, E
+    # sum_t W_t * c16_t exactly: a chunk of <= 256 tokens sums below 2^8 * 2^26 * 2^16 = 2^50 < 2^53.
+    wf = w.astype(np.float64)
+    acc = np.zeros((H, G, hd), np.int64)
+    for lo, c in iter_chunks(vsegs, hd, msb=True):
+        acc += np.matmul(wf[:, :, lo:lo + c.shape[1]], c).astype(np.int64)
+    return m, p.sum(axis=2), acc - z.sum(axis=2)[:, :, None], E
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,21 +193,15 @@ class GoldenKernel:
         return bits, arg(f"{k}_codes"), arg(f"{k}_codes_stride"), off[0], off[1], arg(f"{k}_meta")
 
     def _tensor(self, arg, k: str, hd: int):
-        """All heads' tokens of one kind: codes (H, T, hd) float64 (keys at their own width, values MSB-aligned
-        to 16 bits), bits (T,), scale and zero (H, T) bf16 patterns."""
+        """All heads' tokens of one kind: packed segments [(rows (H, bytes), bits, tokens)] for the sink, body
+        and window blocks (empty ones left out), bits (T,), scale and zero (H, T) bf16 patterns."""
         H, ns, nb, nw = arg("n_heads"), arg("n_sink"), arg("n_body"), arg("n_window")
         bits, codes, stride, w_off, b_off, meta = self._kind_regs(arg, k)
-        segs = [(0, 16, ns), (b_off, bits, nb), (w_off, 16, nw)]
-        out = np.empty((H, ns + nb + nw, hd))
-        first = 0
-        for off, b, n in segs:
-            if n:
-                rows = head_rows(self.mem, codes + off, stride, H, L.codes_bytes(n, hd, b))
-                unpack_rows(rows, b, n, hd, out=out[:, first:first + n], msb=(k == "v"))
-                first += n
-        scale, zero = read_meta(self.mem, meta, arg("meta_stride"), H, 0, first)
+        segs = [(head_rows(self.mem, codes + off, stride, H, L.codes_bytes(n, hd, b)), b, n)
+                for off, b, n in [(0, 16, ns), (b_off, bits, nb), (w_off, 16, nw)] if n]
+        scale, zero = read_meta(self.mem, meta, arg("meta_stride"), H, 0, ns + nb + nw)
         tbits = np.concatenate([np.full(n, b, np.int64) for _, b, n in segs])
-        return out, tbits, scale, zero
+        return segs, tbits, scale, zero
 
     def _blocks(self, arg, k: str, hd: int, h: int):
         """One head's [sink, body, window] blocks unpacked by model.quant.unpack_codes (reference mode)."""

@@ -192,11 +192,9 @@ class DeviceKVCache:
                            partial=self.partial_buf.address, **lay.args)
         part = self.partial_buf.read(0, H * G * self.pdt.itemsize).view(self.pdt)
         m, Lsum, acc, E = (part[f].astype(np.int64) for f in ("m", "L", "acc", "E"))
-        out = np.empty((H * G, hd))
-        for h in range(H):
-            s = slice(h * G, (h + 1) * G)
-            out[s] = merge_partials([Partial(m=m[s], L=Lsum[s], acc=acc[s], E=int(E[h * G]))])
-        return out
+        # Each KV head's G rows are one single-run result; merge_partials normalises row by row, so all
+        # heads go through it at once with E given per row.
+        return merge_partials([Partial(m=m, L=Lsum, acc=acc, E=E[:, None])])
 
     # -- read back -----------------------------------------------------------------------------------------
     def blocks(self, layer: int, head: int, kind: str) -> list[QuantizedKV]:

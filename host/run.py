@@ -18,6 +18,7 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # run as a script: do not let host/*.py shadow top-level modules
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the golden kernel's matmuls are small: no BLAS thread pool
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--board", default="golden", choices=BOARDS, help="device backend (default: golden)")
     p.add_argument("--xclbin", default=None, help="kernel bitstream for --board u280")
     p.add_argument("--seed", type=int, default=0, help="seeds torch and NumPy (greedy decoding is deterministic)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice, one per core)")
     p.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-new-tokens tokens")
     p.add_argument("--no-compare", action="store_true", help="skip the float-model agreement pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,6 +94,8 @@ def main(argv=None) -> int:
         from pmkvq_accel.host.hf import kv_cache_for
         from pmkvq_accel.model.llm import load_model, resolve_model_dir
         from transformers import AutoConfig
+        if args.threads:
+            torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         model_id = Path(args.model).stem if args.model.endswith(".gguf") else Path(args.model).name
