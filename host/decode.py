@@ -20,6 +20,7 @@ class DecodeResult:
     prefill_s: float
     decode_s: float               # time of the decode steps (one forward each), after the prefill
     decode_steps: int
+    decode_cpu_s: float = float("nan")  # process CPU time of the decode steps (all threads)
     cycles_per_step: list = field(default_factory=list)
 
     @property
@@ -42,7 +43,7 @@ def greedy_decode(model, kv: DeviceKVCache, prompt_ids, max_new_tokens: int, eos
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         prefill_s = time.perf_counter() - t0
         bar = tqdm(total=max_new_tokens, desc="decoding", unit="tok", disable=not progress, leave=False)
-        t1, steps = time.perf_counter(), 0
+        t1, c1, steps = time.perf_counter(), time.process_time(), 0
         while True:
             logps.append(torch.log_softmax(logits.double(), -1).float().numpy())
             tok = int(logits.argmax())
@@ -55,9 +56,10 @@ def greedy_decode(model, kv: DeviceKVCache, prompt_ids, max_new_tokens: int, eos
             steps += 1
             if c0 is not None:
                 cycles.append(kv.device.cycles() - c0)
-        decode_s = time.perf_counter() - t1
+        decode_s, decode_cpu_s = time.perf_counter() - t1, time.process_time() - c1
         bar.close()
-    return DecodeResult(list(map(int, ids[0])), new, np.stack(logps), prefill_s, decode_s, steps, cycles)
+    return DecodeResult(list(map(int, ids[0])), new, np.stack(logps), prefill_s, decode_s, steps, decode_cpu_s,
+                        cycles)
 
 
 def float_agreement(model, result: DecodeResult) -> dict:

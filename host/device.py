@@ -167,9 +167,9 @@ class GoldenDevice(Device):
     """The NumPy golden model behind the kernel's registers and memory."""
     name = "golden"
 
-    def __init__(self, head_dim: int | None = None, reference: bool = False):
+    def __init__(self, head_dim: int | None = None, group: int | None = None, reference: bool = False):
         self.mem = GoldenMemory()
-        self.kernel = GoldenKernel(self.mem, head_dim=head_dim, reference=reference)
+        self.kernel = GoldenKernel(self.mem, head_dim=head_dim, group=group, reference=reference)
         self._regs: dict[int, int] = {L.CTRL: L.AP_IDLE}
 
     def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:

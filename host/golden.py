@@ -1,6 +1,6 @@
 """The golden kernel: executes one launch of the accelerator kernel from its registers and device memory,
 exactly as docs/kernel-interface.md says the RTL does (unpack -> attention_partial -> write partials;
-SHRINK and FLUSH with model.quant.shrink), on a NumPy byte array that stands in for HBM.
+SHRINK with model.quant.shrink, COPY), on a NumPy byte array that stands in for HBM.
 
 Two execution modes give bit-identical results (tests/test_host_golden.py):
 - reference=True: per KV head, model.quant.unpack_codes + model.attention.attention_partial, the golden model
@@ -16,7 +16,7 @@ from pmkvq_accel.model.attention import Query, attention_partial, exp2_neg
 from pmkvq_accel.model.fixedpoint import bf16_fields, shift_round, shift_round_saturate
 from pmkvq_accel.model.formats import (ACC_UNIT_OFFSET, MAX_PARTIAL_TOKENS, P_FRAC, SCORE_BITS, SCORE_FRAC,
                                        TERM_LIMIT_BITS)
-from pmkvq_accel.model.quant import (QuantizedKV, pack_codes, pack_metadata, shrink, shrink_to, unpack_codes,
+from pmkvq_accel.model.quant import (QuantizedKV, pack_codes, pack_metadata, shrink, unpack_codes,
                                      unpack_metadata)
 
 from . import layout as L
@@ -82,9 +82,9 @@ def unpack_rows(rows: np.ndarray, bits: int, tokens: int, head_dim: int, out=Non
 _LUTS_F64 = {(b, msb): _LUTS[b] * float(1 << (16 - b) if msb else 1) for b in (4, 2) for msb in (False, True)}
 
 
-def read_meta(mem, address: int, stride: int, n_heads: int, first: int, tokens: int):
-    """(scale, zero) uint16 bf16 patterns, each (n_heads, tokens), of tokens first..first+tokens-1."""
-    rows = head_rows(mem, address, stride, n_heads, 4 * (first + tokens))[:, 4 * first:]
+def read_meta(mem, address: int, stride: int, n_heads: int, tokens: int):
+    """(scale, zero) uint16 bf16 patterns, each (n_heads, tokens), of the metadata block at `address`."""
+    rows = head_rows(mem, address, stride, n_heads, 4 * tokens)
     return unpack_metadata(np.ascontiguousarray(rows).view("<u4"))
 
 
@@ -152,13 +152,15 @@ def attention_partials(qcodes, qexp, ksegs, kbits, kscale, kzero, vsegs, vbits, 
 # One launch
 
 class GoldenKernel:
-    """Executes launches against `mem` (an object with view(address, nbytes) -> uint8 array view)."""
+    """Executes launches against `mem` (an object with view(address, nbytes) -> uint8 array view).
+    head_dim / group: the kernel's synthesis parameters (None accepts any valid value)."""
 
-    def __init__(self, mem, head_dim: int | None = None, reference: bool = False):
+    def __init__(self, mem, head_dim: int | None = None, group: int | None = None, reference: bool = False):
         self.mem = mem
-        self.head_dim = head_dim   # the synthesised HEAD_DIM; None accepts any valid head_dim
+        self.head_dim, self.group = head_dim, group
         self.reference = reference
         self.launches = {name: 0 for name in L.OP_NAMES.values()}
+        self.last_fault = None
 
     def execute(self, arg) -> int:
         """Run one launch; `arg(name)` reads an argument register (64-bit ones already combined).
@@ -172,7 +174,11 @@ class GoldenKernel:
                 raise KernelFault(L.STATUS_BAD_HEAD_DIM, f"head_dim {hd} (kernel HEAD_DIM {self.head_dim})")
             if arg("n_heads") < 1:
                 raise KernelFault(L.STATUS_BAD_TOKENS, "n_heads is 0")
-            {L.OP_ATTENTION: self._attention, L.OP_SHRINK: self._shrink, L.OP_FLUSH: self._flush}[op](arg, hd)
+            for name in ("k_window_off", "k_body_off", "v_window_off", "v_body_off", "k_codes_stride",
+                         "v_codes_stride", "meta_stride", "meta_window_off", "meta_body_off", *L.ADDRESS_REGS):
+                if arg(name) % L.WORD_BYTES:
+                    raise AddressError(f"{name} = {arg(name):#x} is not {L.WORD_BYTES}-byte aligned")
+            {L.OP_ATTENTION: self._attention, L.OP_SHRINK: self._shrink, L.OP_COPY: self._copy}[op](arg, hd)
             self.launches[L.OP_NAMES[op]] += 1
             return L.STATUS_OK
         except KernelFault as fault:
@@ -183,57 +189,57 @@ class GoldenKernel:
             return L.STATUS_BAD_DATA
 
     # -- helpers --------------------------------------------------------------------------------------------
-    def _kind_regs(self, arg, k: str):
+    def _bits(self, arg, k: str) -> int:
         bits = arg(f"{k}_bits")
         if bits not in L.CODE_BITS:
             raise KernelFault(L.STATUS_BAD_BITS, f"{k}_bits {bits}")
-        off = (arg(f"{k}_window_off"), arg(f"{k}_body_off"))
-        if off[0] % L.WORD_BYTES or off[1] % L.WORD_BYTES:
-            raise AddressError(f"{k} block offsets {off} not word aligned")
-        return bits, arg(f"{k}_codes"), arg(f"{k}_codes_stride"), off[0], off[1], arg(f"{k}_meta")
+        return bits
+
+    def _segments(self, arg, k: str):
+        """[(codes offset, metadata offset, bits, tokens)] of the sink, body and window blocks (non-empty)."""
+        segs = [(0, 0, 16, arg("n_sink")),
+                (arg(f"{k}_body_off"), arg("meta_body_off"), self._bits(arg, k), arg("n_body")),
+                (arg(f"{k}_window_off"), arg("meta_window_off"), 16, arg("n_window"))]
+        return [s for s in segs if s[3]]
 
     def _tensor(self, arg, k: str, hd: int):
         """All heads' tokens of one kind: packed segments [(rows (H, bytes), bits, tokens)] for the sink, body
-        and window blocks (empty ones left out), bits (T,), scale and zero (H, T) bf16 patterns."""
-        H, ns, nb, nw = arg("n_heads"), arg("n_sink"), arg("n_body"), arg("n_window")
-        bits, codes, stride, w_off, b_off, meta = self._kind_regs(arg, k)
-        segs = [(head_rows(self.mem, codes + off, stride, H, L.codes_bytes(n, hd, b)), b, n)
-                for off, b, n in [(0, 16, ns), (b_off, bits, nb), (w_off, 16, nw)] if n]
-        scale, zero = read_meta(self.mem, meta, arg("meta_stride"), H, 0, ns + nb + nw)
+        and window blocks, bits (T,), scale and zero (H, T) bf16 patterns."""
+        H, codes, meta = arg("n_heads"), arg(f"{k}_codes"), arg(f"{k}_meta")
+        cstride, mstride = arg(f"{k}_codes_stride"), arg("meta_stride")
+        segs, metas = [], []
+        for coff, moff, b, n in self._segments(arg, k):
+            segs.append((head_rows(self.mem, codes + coff, cstride, H, L.codes_bytes(n, hd, b)), b, n))
+            metas.append(read_meta(self.mem, meta + moff, mstride, H, n))
         tbits = np.concatenate([np.full(n, b, np.int64) for _, b, n in segs])
-        return segs, tbits, scale, zero
+        return segs, tbits, np.concatenate([m[0] for m in metas], 1), np.concatenate([m[1] for m in metas], 1)
 
     def _blocks(self, arg, k: str, hd: int, h: int):
         """One head's [sink, body, window] blocks unpacked by model.quant.unpack_codes (reference mode)."""
-        H, ns, nb, nw = arg("n_heads"), arg("n_sink"), arg("n_body"), arg("n_window")
-        bits, codes, stride, w_off, b_off, meta = self._kind_regs(arg, k)
-        scale, zero = read_meta(self.mem, meta, arg("meta_stride"), H, 0, ns + nb + nw)
-        blocks, first = [], 0
-        for off, b, n in [(0, 16, ns), (b_off, bits, nb), (w_off, 16, nw)]:
-            if n:
-                rows = head_rows(self.mem, codes + off, stride, H, L.codes_bytes(n, hd, b))
-                blocks.append(QuantizedKV(unpack_codes(rows[h], b, n, hd), scale[h, first:first + n],
-                                          zero[h, first:first + n], b))
-                first += n
+        H, codes, meta = arg("n_heads"), arg(f"{k}_codes"), arg(f"{k}_meta")
+        blocks = []
+        for coff, moff, b, n in self._segments(arg, k):
+            rows = head_rows(self.mem, codes + coff, arg(f"{k}_codes_stride"), H, L.codes_bytes(n, hd, b))
+            scale, zero = read_meta(self.mem, meta + moff, arg("meta_stride"), H, n)
+            blocks.append(QuantizedKV(unpack_codes(rows[h], b, n, hd), scale[h], zero[h], b))
         return blocks
 
     # -- ops ------------------------------------------------------------------------------------------------
     def _attention(self, arg, hd):
         H, G = arg("n_heads"), arg("group")
-        if not 1 <= G <= L.MAX_GROUP:
-            raise KernelFault(L.STATUS_BAD_GROUP, f"group {G}")
+        if not 1 <= G <= L.MAX_GROUP or (self.group is not None and G != self.group):
+            raise KernelFault(L.STATUS_BAD_GROUP, f"group {G} (kernel G {self.group})")
         T = arg("n_sink") + arg("n_body") + arg("n_window")
         if not 1 <= T <= MAX_PARTIAL_TOKENS:
             raise KernelFault(L.STATUS_BAD_TOKENS, f"{T} tokens")
         qdt, pdt = L.query_dtype(hd), L.partial_dtype(hd)
-        if arg("query") % L.WORD_BYTES or arg("partial") % L.WORD_BYTES:
-            raise AddressError("query/partial buffers must be word aligned")
         q = self.mem.view(arg("query"), H * G * qdt.itemsize).view(qdt).reshape(H, G)
         out = self.mem.view(arg("partial"), H * G * pdt.itemsize).view(pdt).reshape(H, G)
         if self.reference:
-            for h in range(H):
-                part = attention_partial(Query(q["q"][h].astype(np.int64), q["exp"][h].astype(np.int64)),
+            results = [attention_partial(Query(q["q"][h].astype(np.int64), q["exp"][h].astype(np.int64)),
                                          self._blocks(arg, "k", hd, h), self._blocks(arg, "v", hd, h))
+                       for h in range(H)]
+            for h, part in enumerate(results):
                 out["m"][h], out["L"][h], out["acc"][h], out["E"][h] = part.m, part.L, part.acc, part.E
         else:
             kc, kb, ks, kz = self._tensor(arg, "k", hd)
@@ -247,39 +253,39 @@ class GoldenKernel:
             raise KernelFault(L.STATUS_BAD_KIND, f"kind {kind}")
         return "k" if kind == L.KIND_KEYS else "v"
 
-    def _rewrite(self, arg, hd, k, src_off, src_bits, n, first, dst_off, dst_bits, step):
-        """Read n tokens at src_bits, shrink to dst_bits, write codes at dst_off and their scales in place."""
+    def _regions(self, arg, k, n, bits, hd, code_off, meta_off):
+        """(codes rows, metadata rows) views (H, bytes) of an n-token block at `bits` in every head."""
         H = arg("n_heads")
-        _, codes, stride, _, _, meta = self._kind_regs(arg, k)
-        mstride = arg("meta_stride")
-        src = head_rows(self.mem, codes + src_off, stride, H, L.codes_bytes(n, hd, src_bits))
-        dst = head_rows(self.mem, codes + dst_off, stride, H, L.codes_bytes(n, hd, dst_bits))
-        mrows = head_rows(self.mem, meta, mstride, H, 4 * (first + n))[:, 4 * first:]
-        for h in range(H):
-            s, z = unpack_metadata(np.ascontiguousarray(mrows[h]).view("<u4"))
-            new = step(QuantizedKV(unpack_codes(src[h], src_bits, n, hd), s, z, src_bits))
-            dst[h] = pack_codes(new.codes, dst_bits)          # fills whole words (zero padded)
-            mrows[h] = pack_metadata(new.scale, new.zero).astype("<u4").view(np.uint8)
+        codes = head_rows(self.mem, arg(f"{k}_codes") + code_off, arg(f"{k}_codes_stride"), H,
+                          L.codes_bytes(n, hd, bits))
+        meta = head_rows(self.mem, arg(f"{k}_meta") + meta_off, arg("meta_stride"), H, L.ceil_words(4 * n))
+        return codes, meta
 
     def _shrink(self, arg, hd):
-        """In-place shrink of every head's body block from {k,v}_bits to half that width."""
+        """In place, every head: the n_body-token block at {k,v}_body_off / meta_body_off, 2n -> n bits
+        (codes rewritten as whole zero-padded words, scales rewritten, zeros kept)."""
         k = self._kind(arg)
-        bits, _, _, _, b_off, _ = self._kind_regs(arg, k)
-        n = arg("n_body")
+        bits, n = self._bits(arg, k), arg("n_body")
         if bits == 2:
-            raise KernelFault(L.STATUS_BAD_BITS, "cannot shrink a 2-bit body")
+            raise KernelFault(L.STATUS_BAD_BITS, "cannot shrink 2-bit codes")
         if n < 1:
-            raise KernelFault(L.STATUS_BAD_TOKENS, "empty body")
-        self._rewrite(arg, hd, k, b_off, bits, n, arg("n_sink"), b_off, bits // 2, shrink)
+            raise KernelFault(L.STATUS_BAD_TOKENS, "SHRINK of an empty block")
+        codes, meta = self._regions(arg, k, n, bits, hd, arg(f"{k}_body_off"), arg("meta_body_off"))
+        dst = codes[:, :L.codes_bytes(n, hd, bits // 2)]
+        for h in range(arg("n_heads")):
+            s, z = unpack_metadata(np.ascontiguousarray(meta[h, :4 * n]).view("<u4"))
+            new = shrink(QuantizedKV(unpack_codes(codes[h], bits, n, hd), s, z, bits))
+            dst[h] = pack_codes(new.codes, bits // 2)
+            meta[h, :4 * n] = pack_metadata(new.scale, new.zero).astype("<u4").view(np.uint8)
 
-    def _flush(self, arg, hd):
-        """Move every head's window block (16-bit) to the end of its body, shrunk to the body width."""
+    def _copy(self, arg, hd):
+        """Every head: the n_window-token block at {k,v}_window_off / meta_window_off ({k,v}_bits wide) is
+        copied, codes and metadata as whole words, to {k,v}_body_off / meta_body_off."""
         k = self._kind(arg)
-        bits, _, _, w_off, b_off, _ = self._kind_regs(arg, k)
-        nb, nw = arg("n_body"), arg("n_window")
-        if nw < 1:
-            raise KernelFault(L.STATUS_BAD_TOKENS, "empty window")
-        if nb * hd * bits % L.WORD_BITS:
-            raise KernelFault(L.STATUS_BAD_TOKENS, f"body end ({nb} tokens at {bits} bits) is not word aligned")
-        self._rewrite(arg, hd, k, w_off, 16, nw, arg("n_sink") + nb, b_off + nb * hd * bits // 8, bits,
-                      lambda kv: shrink_to(kv, bits))
+        bits, n = self._bits(arg, k), arg("n_window")
+        if n < 1:
+            raise KernelFault(L.STATUS_BAD_TOKENS, "COPY of an empty block")
+        src = self._regions(arg, k, n, bits, hd, arg(f"{k}_window_off"), arg("meta_window_off"))
+        dst = self._regions(arg, k, n, bits, hd, arg(f"{k}_body_off"), arg("meta_body_off"))
+        for a, b in zip(src, dst):
+            b[...] = a.copy()

@@ -4,7 +4,8 @@ Decisions (which tokens go to the sink, the window or the body; when a window mo
 shrinks) come from the reference accounting in model/cache.py (Occupancy and its advance step), so the device
 holds exactly what model.cache.ProgressiveStore holds. The data moves as the kernel contract says
 (docs/kernel-interface.md): the host quantizes each new token to 16 bits and uploads only its codes and metadata;
-moving the window into the body (FLUSH) and halving the body width (SHRINK) run on the device.
+moving a full window into the body (SHRINK of the window, then COPY) and halving the body width (SHRINK) run
+on the device.
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ class DeviceKVCache:
                         k_meta=buf.address + offs["k_meta"], v_meta=buf.address + offs["v_meta"],
                         k_window_off=geo.keys.window_off, k_body_off=geo.keys.body_off,
                         v_window_off=geo.values.window_off, v_body_off=geo.values.body_off,
-                        k_codes_stride=geo.keys.codes_stride, v_codes_stride=geo.values.codes_stride)
+                        k_codes_stride=geo.keys.codes_stride, v_codes_stride=geo.values.codes_stride,
+                        meta_window_off=geo.meta_window_off, meta_body_off=geo.meta_body_off)
             self.layers.append(_Layer(cfg, geo, (kb, vb), buf, offs, (Occupancy(cfg), Occupancy(cfg)),
                                       ([], []), args))
         self.n_kv_heads, self.head_dim = heads, hd
@@ -141,13 +143,13 @@ class DeviceKVCache:
             for i, kind in enumerate("kv"):
                 geo = lay.geo.keys if kind == "k" else lay.geo.values
                 if into_sink:
-                    slot, seg_off, tok = occ.sink - n, 0, occ.sink - n
+                    slot, code_off, meta_off = occ.sink - n, 0, 0
                 else:
-                    slot, seg_off, tok = occ.window - n, geo.window_off, occ.sink + occ.body + occ.window - n
+                    slot, code_off, meta_off = occ.window - n, geo.window_off, lay.geo.meta_window_off
                 for h in range(cfg.n_kv_heads):
-                    base = lay.offs[f"{kind}_codes"] + h * geo.codes_stride + seg_off
+                    base = lay.offs[f"{kind}_codes"] + h * geo.codes_stride + code_off
                     lay.buf.write(base + slot * cfg.head_dim * 2, codes[i, h, pos:pos + n])
-                    lay.buf.write(lay.offs[f"{kind}_meta"] + h * lay.geo.meta_stride + 4 * tok,
+                    lay.buf.write(lay.offs[f"{kind}_meta"] + h * lay.geo.meta_stride + meta_off + 4 * slot,
                                   meta[i, h, pos:pos + n])
             pos += n
 
@@ -156,14 +158,24 @@ class DeviceKVCache:
         return dict(self.layers[layer].args, kind=i, n_sink=occ.sink, n_body=occ.body, n_window=occ.window)
 
     def _flush(self, layer: int, i: int) -> None:
-        """Called by the accounting before the window joins the body: the device moves it."""
+        """Called by the accounting before the window joins the body. On the device: SHRINK the window in place
+        down to the body width (16 -> 8 -> ...), then COPY it, codes and metadata, to the end of the body."""
         lay = self.layers[layer]
-        occ = lay.occ[i]
+        occ, hd = lay.occ[i], lay.cfg.head_dim
         geo = lay.geo.keys if i == 0 else lay.geo.values
-        need = L.codes_bytes(occ.body + occ.window, lay.cfg.head_dim, occ.bits)
-        if need > geo.body_capacity:  # cannot happen for <= max_len tokens: the capacity comes from the same accounting
-            raise AssertionError(f"layer {layer}: body needs {need} bytes, {geo.body_capacity} reserved")
-        self.kernel.launch(op=L.OP_FLUSH, **self._kind_args(layer, i), **{"kv"[i] + "_bits": occ.bits})
+        k = "kv"[i]
+        if L.codes_bytes(occ.body + occ.window, hd, occ.bits) > geo.body_capacity:
+            # cannot happen for <= max_len tokens: the capacity comes from the same accounting
+            raise AssertionError(f"layer {layer}: the body outgrows its {geo.body_capacity} reserved bytes")
+        args = self._kind_args(layer, i)
+        bits = 16
+        while bits > occ.bits:  # the window block, in place
+            self.kernel.launch(**{**args, "op": L.OP_SHRINK, f"{k}_body_off": geo.window_off,
+                                  "meta_body_off": lay.geo.meta_window_off, "n_body": occ.window, f"{k}_bits": bits})
+            bits //= 2
+        self.kernel.launch(**{**args, "op": L.OP_COPY, f"{k}_bits": occ.bits,
+                              f"{k}_body_off": geo.body_off + occ.body * hd * occ.bits // 8,
+                              "meta_body_off": lay.geo.meta_body_off + 4 * occ.body})
 
     def _shrink(self, layer: int, i: int) -> None:
         """Called by the accounting after the body width halved: the device shrinks the body in place."""
@@ -204,13 +216,13 @@ class DeviceKVCache:
         occ = lay.occ[0 if kind == "k" else 1]
         geo = lay.geo.keys if kind == "k" else lay.geo.values
         hd = lay.cfg.head_dim
-        mbase = lay.offs[f"{kind}_meta"] + head * lay.geo.meta_stride
-        scale, zero = unpack_metadata(lay.buf.read(mbase, 4 * occ.tokens).view("<u4"))
         cbase = lay.offs[f"{kind}_codes"] + head * geo.codes_stride
-        out, first = [], 0
-        for off, bits, n in ((0, 16, occ.sink), (geo.body_off, occ.bits, occ.body), (geo.window_off, 16, occ.window)):
+        mbase = lay.offs[f"{kind}_meta"] + head * lay.geo.meta_stride
+        out = []
+        for coff, moff, bits, n in ((0, 0, 16, occ.sink), (geo.body_off, lay.geo.meta_body_off, occ.bits, occ.body),
+                                    (geo.window_off, lay.geo.meta_window_off, 16, occ.window)):
             if n:
-                codes = unpack_codes(lay.buf.read(cbase + off, L.codes_bytes(n, hd, bits)), bits, n, hd)
-                out.append(QuantizedKV(codes, scale[first:first + n], zero[first:first + n], bits))
-                first += n
+                codes = unpack_codes(lay.buf.read(cbase + coff, L.codes_bytes(n, hd, bits)), bits, n, hd)
+                scale, zero = unpack_metadata(lay.buf.read(mbase + moff, 4 * n).view("<u4"))
+                out.append(QuantizedKV(codes, scale, zero, bits))
         return out

@@ -25,17 +25,17 @@ MAX_GROUP = 8
 CTRL, GIE, IER, ISR = 0x00, 0x04, 0x08, 0x0C
 AP_START, AP_DONE, AP_IDLE, AP_READY = 0x1, 0x2, 0x4, 0x8
 
-REGS = {  # name -> offset; 8-byte spacing from 0x10
+REGS = {  # name -> offset; 8-byte spacing from 0x10 (the same map as hw/regmap.py)
     "op": 0x10,           # OP_*
-    "kind": 0x18,         # SHRINK/FLUSH: 0 keys, 1 values
+    "kind": 0x18,         # SHRINK/COPY: 0 keys, 1 values
     "n_heads": 0x20,      # KV heads in this launch (regions 0..n_heads-1 at the strides below)
-    "group": 0x28,        # query heads per KV head, 1..8 (ATTENTION)
+    "group": 0x28,        # query heads per KV head (ATTENTION); must equal the kernel's G
     "head_dim": 0x30,     # must equal the kernel's HEAD_DIM
     "n_sink": 0x38,       # tokens in the sink block (16-bit codes)
-    "n_body": 0x40,       # tokens in the body block
-    "n_window": 0x48,     # tokens in the window block (16-bit codes)
-    "k_bits": 0x50,       # key body width (for SHRINK of keys: the width before the shrink)
-    "v_bits": 0x58,       # value body width
+    "n_body": 0x40,       # tokens in the body block (SHRINK: tokens of the block it shrinks)
+    "n_window": 0x48,     # tokens in the window block (COPY: tokens it copies)
+    "k_bits": 0x50,       # width of the key body (SHRINK/COPY of keys: width of the block they act on)
+    "v_bits": 0x58,       # width of the value body
     "k_codes": 0x60,      # 64-bit: head 0's key codes region
     "v_codes": 0x68,      # 64-bit
     "k_meta": 0x70,       # 64-bit: head 0's key metadata region
@@ -50,28 +50,30 @@ REGS = {  # name -> offset; 8-byte spacing from 0x10
     "v_codes_stride": 0xB8,
     "meta_stride": 0xC0,     # bytes from one head's metadata region to the next (keys and values)
     "status": 0xC8,          # read only: STATUS_* of the last launch, valid once ap_done is seen
+    "meta_window_off": 0xD0,  # byte offset of the window's metadata inside a metadata region (sink's at 0)
+    "meta_body_off": 0xD8,    # byte offset of the body's metadata
 }
 ADDRESS_REGS = ("k_codes", "v_codes", "k_meta", "v_meta", "query", "partial")
 ARG_REGS = tuple(k for k in REGS if k != "status")
 
-OP_ATTENTION, OP_SHRINK, OP_FLUSH = 1, 2, 3
-OP_NAMES = {OP_ATTENTION: "ATTENTION", OP_SHRINK: "SHRINK", OP_FLUSH: "FLUSH"}
+OP_ATTENTION, OP_SHRINK, OP_COPY = 1, 2, 3
+OP_NAMES = {OP_ATTENTION: "ATTENTION", OP_SHRINK: "SHRINK", OP_COPY: "COPY"}
 KIND_KEYS, KIND_VALUES = 0, 1
 
 STATUS_OK = 0
 STATUS_NAMES = {
     0: "OK",
-    1: "BAD_OP: unknown op code",
+    1: "BAD_OP: unknown or unsupported op code",
     2: "BAD_HEAD_DIM: head_dim differs from the kernel's HEAD_DIM",
-    3: "BAD_GROUP: group must be 1..8",
-    4: "BAD_BITS: body width not in {16, 8, 4, 2} (or SHRINK of a 2-bit body)",
-    5: "BAD_TOKENS: token counts out of range (no tokens, more than 65536, or nothing to flush/shrink)",
-    6: "BAD_ADDRESS: a region is unaligned or outside device memory",
-    7: "BAD_DATA: a bf16 Inf/NaN pattern or a non-positive value scale",
-    8: "BAD_KIND: kind must be 0 (keys) or 1 (values)",
+    3: "BAD_GROUP: group differs from the kernel's G",
+    4: "BAD_BITS: a width not in {16, 8, 4, 2}, or SHRINK of 2-bit codes",
+    5: "BAD_TOKENS: no heads, no tokens, or more tokens than the kernel's max_tokens",
+    6: "BAD_ADDRESS: an address, offset or stride is not 64-byte aligned (golden: or outside device memory)",
+    7: "BAD_KIND: kind must be 0 (keys) or 1 (values)",
+    8: "BAD_DATA (golden model only): a bf16 Inf/NaN pattern in metadata or a value scale <= 0",
 }
 (STATUS_BAD_OP, STATUS_BAD_HEAD_DIM, STATUS_BAD_GROUP, STATUS_BAD_BITS, STATUS_BAD_TOKENS,
- STATUS_BAD_ADDRESS, STATUS_BAD_DATA, STATUS_BAD_KIND) = range(1, 9)
+ STATUS_BAD_ADDRESS, STATUS_BAD_KIND, STATUS_BAD_DATA) = range(1, 9)
 
 
 def ceil_words(nbytes: int) -> int:
@@ -104,11 +106,8 @@ def partial_dtype(head_dim: int) -> np.dtype:
 
 @dataclass(frozen=True)
 class KindLayout:
-    """Layout of one tensor kind (keys or values) of one layer, per KV head.
-
-    codes region of a head: [sink block | window block | body block], each starting on a word;
-    metadata region of a head: one uint32 (scale_bf16 | zero_bf16 << 16) per token, in token order
-    (sink, body, window), so a token's metadata never moves when its codes do."""
+    """Codes region of one tensor kind (keys or values) of one layer, per KV head:
+    [sink block | window block | body block], each starting on a word."""
     window_off: int
     body_off: int
     body_capacity: int    # bytes reserved for the body codes (enough for any state up to max_len tokens)
@@ -117,11 +116,15 @@ class KindLayout:
 
 @dataclass(frozen=True)
 class CacheGeometry:
-    """Per-layer sizes of the device KV cache for a given cache config, budgets and max_len."""
+    """Per-layer sizes of the device KV cache for a given cache config, budgets and max_len.
+    Metadata region of a head (keys and values alike): [sink | window | body] uint32 entries, each block
+    starting on a word; the body block holds up to max_len entries."""
     cfg: CacheConfig
     max_len: int
     keys: KindLayout
     values: KindLayout
+    meta_window_off: int
+    meta_body_off: int
     meta_stride: int
 
     @property
@@ -136,9 +139,10 @@ def check_cache_config(cfg: CacheConfig, max_len: int) -> None:
     if hd * 16 % WORD_BITS:
         raise ValueError(f"head_dim {hd}: a 16-bit token must fill whole {WORD_BITS}-bit words "
                          f"(head_dim a multiple of {WORD_BITS // 16})")
-    if cfg.window * hd * 2 % WORD_BITS:
-        raise ValueError(f"window {cfg.window} with head_dim {hd}: a window at 2 bits must fill whole "
-                         f"{WORD_BITS}-bit words (window * head_dim a multiple of {WORD_BITS // 2})")
+    if cfg.window * hd * 2 % WORD_BITS or cfg.window * 32 % WORD_BITS:
+        raise ValueError(f"window {cfg.window} with head_dim {hd}: a whole window (its 2-bit codes and its "
+                         f"32-bit metadata) must fill whole {WORD_BITS}-bit words: window a multiple of "
+                         f"{max(WORD_BITS // 32, WORD_BITS // (2 * hd))}")
     if not 1 <= max_len <= MAX_PARTIAL_TOKENS:
         raise ValueError(f"max_len {max_len} out of range: the kernel takes 1..{MAX_PARTIAL_TOKENS} tokens")
 
@@ -167,4 +171,6 @@ def cache_geometry(cfg: CacheConfig, key_budget: float, value_budget: float, max
         body = body_capacity(cfg, budget, max_len)
         return KindLayout(window_off=sink, body_off=sink + window, body_capacity=body,
                           codes_stride=sink + window + body)
-    return CacheGeometry(cfg, max_len, kind(key_budget), kind(value_budget), ceil_words(4 * max_len))
+    msink, mwin = ceil_words(4 * cfg.n_sink), ceil_words(4 * cfg.window)
+    return CacheGeometry(cfg, max_len, kind(key_budget), kind(value_budget), meta_window_off=msink,
+                         meta_body_off=msink + mwin, meta_stride=msink + mwin + ceil_words(4 * max_len))

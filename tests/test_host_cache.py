@@ -17,10 +17,10 @@ def same_blocks(a, b):
 
 
 CASES = [  # (n_kv_heads, head_dim, n_sink, window, key width, value width, max_len, count_metadata)
-    (2, 32, 2, 8, 2, 4, 300, True),
-    (3, 64, 1, 4, 8, 2, 200, False),
+    (2, 32, 2, 16, 2, 4, 300, True),
+    (3, 64, 1, 16, 8, 2, 200, False),
     (1, 32, 0, 16, 16, 8, 150, True),
-    (3, 64, 4, 12, 4, 4, 260, True),
+    (3, 64, 4, 32, 4, 4, 330, True),
 ]
 
 
@@ -98,14 +98,14 @@ class CountingDevice(GoldenDevice):
 
 
 def test_decode_step_uploads_only_the_new_token():
-    cfg = CacheConfig(3, 64, 1, 8)
+    cfg = CacheConfig(3, 64, 1, 16)
     max_len = 400
     dev = CountingDevice()
     kv = DeviceKVCache(dev, [cfg], [budget_for_width(cfg, 2, max_len)], [budget_for_width(cfg, 2, max_len)],
                        max_len, group=3)
     rng = np.random.default_rng(0)
     kv.append(0, rng.normal(size=(3, 300, 64)), rng.normal(size=(3, 300, 64)))
-    flushes = kv.device.kernel.launches["FLUSH"]
+    flushes = kv.device.kernel.launches["COPY"]
     per_token = 2 * 3 * (64 * 2 + 4)  # K and V: 16-bit codes and one metadata word per KV head
     query_bytes = kv.qdt.itemsize * 9
     for _ in range(20):  # crosses window flushes and a shrink: those run on the device, not through uploads
@@ -115,7 +115,7 @@ def test_decode_step_uploads_only_the_new_token():
         dev.written = 0
         kv.attention(0, rng.normal(size=(9, 64)), 0.125)
         assert dev.written == query_bytes
-    assert kv.device.kernel.launches["FLUSH"] > flushes
+    assert kv.device.kernel.launches["COPY"] > flushes
     assert kv.device.kernel.launches["SHRINK"] > 0
 
 
@@ -127,7 +127,7 @@ def test_budget_too_small_is_a_clear_error():
 
 
 def test_context_longer_than_max_len():
-    cfg = CacheConfig(1, 32, 1, 8)
+    cfg = CacheConfig(1, 32, 1, 16)
     kv = DeviceKVCache(GoldenDevice(), [cfg], [1e6], [1e6], 10, group=1)
     kv.append(0, np.zeros((1, 10, 32)), np.zeros((1, 10, 32)))
     with pytest.raises(ContextTooLong, match="exceed the cache's max_len 10"):
@@ -139,13 +139,13 @@ def test_context_longer_than_max_len():
     (dict(head_dim=64, window=6), "window 6"),
 ])
 def test_bad_cache_config(kw, msg):
-    cfg = CacheConfig(1, kw["head_dim"], 1, kw.get("window", 8))
+    cfg = CacheConfig(1, kw["head_dim"], 1, kw.get("window", 16))
     with pytest.raises(ValueError, match=msg):
         DeviceKVCache(GoldenDevice(), [cfg], [1e6], [1e6], 100, group=1)
 
 
 def test_bad_shapes_and_group():
-    cfg = CacheConfig(2, 32, 1, 8)
+    cfg = CacheConfig(2, 32, 1, 16)
     with pytest.raises(ValueError, match="1..8"):
         DeviceKVCache(GoldenDevice(), [cfg], [1e6], [1e6], 100, group=9)
     kv = DeviceKVCache(GoldenDevice(), [cfg], [1e6], [1e6], 100, group=2)

@@ -68,7 +68,7 @@ def test_fast_path_is_bit_identical_to_golden_model(G):
 
 
 def small_cache(**dev_kw):
-    cfg = CacheConfig(2, 64, 1, 8)
+    cfg = CacheConfig(2, 64, 1, 16)
     kv = DeviceKVCache(GoldenDevice(**dev_kw), [cfg], [1e6], [1e6], 64, group=2)
     kv.append(0, np.ones((2, 3, 64)), np.ones((2, 3, 64)))
     return kv
@@ -92,7 +92,8 @@ def attention_args(kv, **over):
     (dict(k_body_off=100), "BAD_ADDRESS"),
     (dict(op=L.OP_SHRINK, kind=5), "BAD_KIND"),
     (dict(op=L.OP_SHRINK, kind=0, k_bits=2, n_body=8), "BAD_BITS"),
-    (dict(op=L.OP_FLUSH, kind=1, n_window=0), "BAD_TOKENS"),
+    (dict(op=L.OP_COPY, kind=1, n_window=0), "BAD_TOKENS"),
+    (dict(meta_body_off=4), "BAD_ADDRESS"),
 ])
 def test_bad_launches_report_status(over, status):
     kv = small_cache()
@@ -101,9 +102,12 @@ def test_bad_launches_report_status(over, status):
     kv.kernel.launch(**attention_args(kv))  # the kernel still works afterwards
 
 
-def test_bad_head_dim_and_bad_data():
+def test_bad_head_dim_group_and_data():
     kv = small_cache(head_dim=128)  # a kernel synthesised for head_dim 128
     with pytest.raises(DeviceError, match="BAD_HEAD_DIM"):
+        kv.attention(0, np.ones((4, 64)), 0.125)
+    kv = small_cache(group=3)  # a kernel synthesised for G = 3
+    with pytest.raises(DeviceError, match="BAD_GROUP"):
         kv.attention(0, np.ones((4, 64)), 0.125)
     kv = small_cache()
     kv.layers[0].buf.write(kv.layers[0].offs["v_meta"], np.array([0x7F80], "<u4"))  # scale = +Inf
@@ -131,3 +135,18 @@ def test_kernel_timeout_is_an_error():
     k = Kernel(Stuck(), timeout_s=0.05)
     with pytest.raises(DeviceError, match="did not finish"):
         k.launch(op=L.OP_ATTENTION)
+
+
+def test_host_contract_matches_hardware_regmap():
+    """host/layout.py and the kernel RTL's hw/regmap.py describe the same registers, ops and records."""
+    R = pytest.importorskip("pmkvq_accel.hw.regmap")
+    assert R.KERNEL_NAME == L.KERNEL_NAME and R.WORD_BITS == L.WORD_BITS
+    assert {n: off for n, (off, _) in R.ARGS.items()} == {n: L.REGS[n] for n in L.ARG_REGS}
+    assert set(R.ADDRESS_ARGS) == set(L.ADDRESS_REGS) and R.STATUS == L.REGS["status"]
+    assert (R.OP_ATTENTION, R.OP_SHRINK, R.OP_COPY) == (L.OP_ATTENTION, L.OP_SHRINK, L.OP_COPY)
+    assert (R.KIND_KEYS, R.KIND_VALUES) == (L.KIND_KEYS, L.KIND_VALUES)
+    for code, name in R.STATUS_NAMES.items():
+        assert L.STATUS_NAMES[code].split(":")[0] == name.split(":")[0]
+    for hd in (32, 64, 128):
+        assert R.query_record_bytes(hd) == L.query_dtype(hd).itemsize
+        assert R.partial_record_bytes(hd) == L.partial_dtype(hd).itemsize

@@ -88,7 +88,7 @@ def test_hook_sends_every_decode_attention_to_the_device():
     prompt = tok("The quick brown fox jumps over the lazy dog. " * 18).input_ids[:190]
     res = greedy_decode(model, kv, prompt, 6, progress=False)
     assert dev.kernel.launches["ATTENTION"] == 30 * 5  # every layer of every decode step (not the prefill)
-    assert dev.kernel.launches["FLUSH"] > 0 and dev.kernel.launches["SHRINK"] > 0
+    assert dev.kernel.launches["COPY"] > 0 and dev.kernel.launches["SHRINK"] > 0
     assert kv.tokens() == len(prompt) + 5
     assert all(w[0] < 16 for w in (kv.widths(i) for i in range(30)))
     with torch.inference_mode():  # the model is back to float attention afterwards
