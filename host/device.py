@@ -179,7 +179,8 @@ class GoldenDevice(Device):
         if offset == L.CTRL:
             if value & L.AP_START:
                 self.kernel.last_fault = None
-                self._regs[L.REGS["status"]] = self.kernel.execute(self._arg)
+                args = {name: self._arg(name) for name in L.ARG_REGS}  # the registers as the launch sees them
+                self._regs[L.REGS["status"]] = self.kernel.execute(args.__getitem__)
                 self._regs[L.CTRL] = L.AP_DONE | L.AP_IDLE | L.AP_READY
             return
         if offset == L.REGS["status"]:

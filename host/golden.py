@@ -45,7 +45,7 @@ def head_rows(mem, address: int, stride: int, n_heads: int, nbytes: int) -> np.n
     if n_heads > 1 and stride < nbytes:
         raise AddressError(f"head stride {stride} is smaller than the {nbytes} bytes read per head")
     flat = mem.view(address, (n_heads - 1) * stride + nbytes)
-    return np.lib.stride_tricks.as_strided(flat, shape=(n_heads, nbytes), strides=(stride, 1))
+    return np.ndarray((n_heads, nbytes), np.uint8, buffer=flat, strides=(stride, 1))
 
 
 def _lut(bits: int) -> np.ndarray:
