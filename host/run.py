@@ -78,6 +78,17 @@ def build_prompt(tok, args) -> list:
     return tok(text).input_ids
 
 
+def runs(widths) -> str:
+    """Per-layer (key, value) widths as runs: '0-11: 16/16, 12: 8/16, ...'."""
+    out, start = [], 0
+    for i in range(1, len(widths) + 1):
+        if i == len(widths) or widths[i] != widths[start]:
+            k, v = widths[start]
+            out.append(f"{start}{f'-{i - 1}' if i - 1 > start else ''}: {k}/{v}")
+            start = i
+    return ", ".join(out)
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
@@ -137,8 +148,9 @@ def report(args, tok, table, kv, res, device) -> dict:
           f"({100 * m_meta / fp16:.1f}% / {100 * m_codes / fp16:.1f}%); device memory reserved "
           f"{fmt_bytes(kv.device_bytes)} for max_len {kv.max_len}")
     widths = [kv.widths(i) for i in range(kv.n_layers)]
-    print("layer widths at the end (key/value body bits): " +
-          " ".join(f"{i}:{k}/{v}" for i, (k, v) in enumerate(widths)))
+    final = [(lb.key_bits, lb.value_bits) for lb in table.layers]
+    print(f"layer widths now (key/value body bits, by layer): {runs(widths)}; the table's at max_len "
+          f"{table.max_len}: {runs(final)}")
     print(f"prefill {len(res.prompt_ids)} tokens in {res.prefill_s:.2f} s; decode {res.decode_steps} steps in "
           f"{res.decode_s:.2f} s = {res.tokens_per_s:.2f} tokens/s ({device.name} backend)")
     metrics = {"board": device.name, "prompt_tokens": len(res.prompt_ids), "new_tokens": len(res.new_ids),

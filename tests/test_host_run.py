@@ -64,7 +64,7 @@ def test_run_decodes_default_model(tmp_path):
     out = tmp_path / "m.json"
     r = run("--max-new-tokens", "5", "--no-progress", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    for text in ("generated text", "KV cache:", "float16", "layer widths at the end", "tokens/s",
+    for text in ("generated text", "KV cache:", "float16", "layer widths now", "tokens/s",
                  "float-model agreement"):
         assert text in r.stdout
     m = json.loads(out.read_text())
