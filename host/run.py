@@ -19,6 +19,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # run as a script: do not let host/*.py shadow top-level modules
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the golden kernel's matmuls are small: no BLAS thread pool
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep: no collapse on a busy machine
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
@@ -165,11 +166,11 @@ def report(args, tok, table, kv, res, device) -> dict:
     return metrics
 
 
-def cli() -> int:
+def cli(argv=None) -> int:
     from pmkvq_accel.host.device import DeviceError, DeviceUnavailable
     from pmkvq_accel.model.cache import BudgetError
     try:
-        return main()
+        return main(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
