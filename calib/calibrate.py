@@ -222,10 +222,15 @@ def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None 
     n_layers, n_heads, n_kv, hd = _dims(model)
     key = settings.key(T.config_hash(model))
     cpath = cache_dir / f"artifacts-{key}.pt" if cache_dir else None
+    if cpath:
+        _wait_for_other_run(cpath.with_suffix(".lock"), log)
     if cpath and cpath.is_file():
         art = Artifacts(**torch.load(cpath, weights_only=False))
         log(f"calibration artifacts reused from {cpath}")
     else:
+        if cpath:
+            cpath.parent.mkdir(parents=True, exist_ok=True)
+            cpath.with_suffix(".lock").write_text(str(os.getpid()))
         t0 = time.time()
         text, desc = D.get_text("calib", settings.calib_text)
         ids = D.tokenize(tok, text)
@@ -234,15 +239,17 @@ def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None 
         log(f"calibration text: {desc}, {ids.numel()} tokens; {len(samples)} samples x {settings.seq_len} tokens, "
             f"positions {pos[0].item()}..{pos[-1].item()} (interpolation {'on' if settings.pos_interp else 'off'})")
         secs = {}
-        max_k, qkv = collect_stats(model, samples, pos, settings)
-        secs["stats"] = time.time() - t0
         factors = alphas = mses = None
         if settings.reparam:
+            max_k, qkv = collect_stats(model, samples, pos, settings)
+            secs["stats"] = time.time() - t0
             t1 = time.time()
             alphas, mses = search_alpha(max_k, qkv, settings, n_heads)
             factors = [factors_for(max_k[l], alphas[l]).float() for l in range(n_layers)]
             secs["alpha_search"] = time.time() - t1
-        del qkv
+            del qkv
+        else:
+            max_k = [torch.zeros(n_kv, hd) for _ in range(n_layers)]   # not measured without reparam
         if factors is not None:
             T.fold_factors(model, factors)
         t2 = time.time()
@@ -253,12 +260,28 @@ def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None 
                         sens_widths=widths, sens_k=sk, sens_v=sv, settings=asdict(settings), text_desc=desc,
                         seconds=secs)
         if cpath:
-            cpath.parent.mkdir(parents=True, exist_ok=True)
             torch.save(asdict(art), cpath)
+            cpath.with_suffix(".lock").unlink(missing_ok=True)
         return art
     if art.factors is not None:
         T.fold_factors(model, art.factors)
     return art
+
+
+def _wait_for_other_run(lock: Path, log) -> None:
+    """If another process is computing the same artifacts (lock file with its pid), wait for it."""
+    told = False
+    while lock.is_file():
+        try:
+            pid = int(lock.read_text().strip())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError, PermissionError, FileNotFoundError):
+            lock.unlink(missing_ok=True)   # stale
+            return
+        if not told:
+            log(f"waiting for process {pid}, which is computing the same calibration artifacts ({lock})")
+            told = True
+        time.sleep(5)
 
 
 def sens_for(art: Artifacts, widths):

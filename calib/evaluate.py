@@ -110,7 +110,7 @@ def build_parser():
     p.add_argument("--window", type=int, default=128, help="PM-KVQ window and KIVI residual length")
     p.add_argument("--n-sink", type=int, default=1)
     p.add_argument("--skip-ablations", action="store_true")
-    p.add_argument("--ablation-budgets", default="RTN-4,KIVI-2", help="budgets the ablations run at")
+    p.add_argument("--ablation-budgets", default="RTN-4", help="budgets the ablations run at: RTN-4 and/or KIVI-2")
     p.add_argument("--out", default=str(REPO / "out" / "eval"))
     p.add_argument("--cache-dir", default=str(REPO / "out" / "calib" / "cache"))
     return p
@@ -160,28 +160,44 @@ def main(argv=None):
     add("float (fp32 KV)", "float", "float", {"kl": 0.0, "kl_last_quarter": 0.0, "ppl": fm["ppl"], "top1": 1.0},
         float_bytes, float_bytes)
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python calib/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = CacheConfig(n_kv, hd, args.n_sink, args.window, 16, True)
-    for b in (8, 4, 2):
+    budgets = {"RTN-4": rtn_equivalent_bytes(cfg, n_layers, 4, L, metadata=True),
+               "KIVI-2": n_layers * kivi_bytes(L, n_kv, hd, 2, args.kivi_group, args.window)}
+    meta = {"command": cmd.strip(), "model": model_id, "eval_text": desc, "length": L, "kivi_group": args.kivi_group,
+            "window": args.window, "n_sink": args.n_sink, "calibration_samples": args.samples,
+            "seq_len": args.seq_len, "effective_len": args.effective_len, "budgets_bytes": budgets}
+
+    def write(final=False):
+        """Results so far (written after every method, so a long run can be inspected while it goes)."""
+        meta["seconds"] = round(time.time() - t0)
+        meta["complete"] = final
+        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "results.md").write_text(results_markdown(rows, meta))
+        from pmkvq_accel.calib.plots import kl_vs_bytes_plot
+        kl_vs_bytes_plot(rows[1:], out / "kl_vs_bytes.png",
+                         f"{model_id}, {L} tokens of {desc}: KL to float vs KV memory")
+
+    def rtn(b):
         layers = [RTNLayer(b, n_kv, hd) for _ in range(n_layers)]
         m = run_chunks(model, ids, layers, ref, f"RTN-{b}")
         add(f"RTN per-token {b}-bit", f"RTN-{b}", "RTN", m, sum(x.memory_bytes(True) for x in layers),
             sum(x.memory_bytes(False) for x in layers))
-    for b in (4, 2):
+        write()
+
+    def kivi(b):
         layers = [KIVILayer(b, args.kivi_group, args.window) for _ in range(n_layers)]
         m = run_chunks(model, ids, layers, ref, f"KIVI-{b}")
         meas = sum(x.memory_bytes(True) for x in layers)
         assert abs(meas - n_layers * kivi_bytes(L, n_kv, hd, b, args.kivi_group, args.window)) < 1e-6
         add(f"KIVI-{b} (K/channel, V/token, g{args.kivi_group}, res {args.window})", f"KIVI-{b}", "KIVI", m, meas,
             sum(x.memory_bytes(False) for x in layers))
+        write()
 
-    budgets = {"RTN-4": rtn_equivalent_bytes(cfg, n_layers, 4, L, metadata=True),
-               "KIVI-2": n_layers * kivi_bytes(L, n_kv, hd, 2, args.kivi_group, args.window)}
     base = dict(n_samples=args.samples, seq_len=args.seq_len, effective_len=args.effective_len,
                 search_queries=args.search_queries, calib_text=args.calib_text)
-    variants = {"full": CalibSettings(**base)}
-    if not args.skip_ablations:
-        variants["no-PI"] = CalibSettings(**base, pos_interp=False)
-        variants["no-reparam"] = CalibSettings(**base, reparam=False)
     abl_budgets = [b.strip() for b in args.ablation_budgets.split(",") if b.strip()]
 
     def run_pm(label, short, family, tdict, progressive=True, notes=""):
@@ -196,49 +212,50 @@ def main(argv=None):
         notes = (notes + "; " if notes else "") + f"final K widths {nk}, V widths {nv}"
         add(label, short, family, m, meas, sum(x.memory_bytes(False) for x in layers), notes, peak,
             tdict["allocation"]["budget_bytes"])
+        write()
 
-    for vname, settings in variants.items():
-        restore()
-        art = run_calibration(model, tok, settings, Path(args.cache_dir))
-        for bname, budget in budgets.items():
-            kw = dict(model_id=model_id, cfg=cfg, max_len=L, budget=budget, budget_src=f"{bname} memory",
-                      factors_rel=None)
-            if vname == "full":
-                t = make_table(model, art, widths=(4, 2), separate_kv=False, **kw)
-                run_pm(f"PM-KVQ {{4,2}} @ {bname} budget", f"PM@{bname}", "PM-KVQ", t)
-                t2 = make_table(model, art, widths=(8, 4, 2), separate_kv=True, **kw)
-                run_pm(f"PM-KVQ {{8,4,2}} separate K/V @ {bname} budget", f"PM+@{bname}", "PM-KVQ", t2)
-                if not args.skip_ablations and bname in abl_budgets:
-                    tu = make_table(model, art, widths=(4, 2), separate_kv=False, method="uniform-budget", **kw)
-                    run_pm(f"  ablation: uniform budgets @ {bname}", f"uni@{bname}", "ablation", tu)
-                    run_pm(f"  ablation: no progressive @ {bname}", f"noprog@{bname}", "ablation", t,
-                           progressive=False, notes="body at the final width from the start")
-            elif bname in abl_budgets:
-                t = make_table(model, art, widths=(4, 2), separate_kv=False, **kw)
+    def kw(bname):
+        return dict(model_id=model_id, cfg=cfg, max_len=L, budget=budgets[bname], budget_src=f"{bname} memory",
+                    factors_rel=None)
+
+    # Most important comparisons first: matched-memory pairs, then the remaining baselines, then ablations.
+    rtn(4)
+    kivi(2)
+    restore()
+    art = run_calibration(model, tok, CalibSettings(**base), Path(args.cache_dir))
+    tables = {}
+    for bname in budgets:
+        tables[bname] = make_table(model, art, widths=(4, 2), separate_kv=False, **kw(bname))
+        run_pm(f"PM-KVQ {{4,2}} @ {bname} budget", f"PM@{bname}", "PM-KVQ", tables[bname])
+    for bname in budgets:
+        t2 = make_table(model, art, widths=(8, 4, 2), separate_kv=True, **kw(bname))
+        run_pm(f"PM-KVQ {{8,4,2}} separate K/V @ {bname} budget", f"PM+@{bname}", "PM-KVQ", t2)
+    rtn(8)
+    rtn(2)
+    kivi(4)
+    if not args.skip_ablations:
+        for bname in abl_budgets:
+            tu = make_table(model, art, widths=(4, 2), separate_kv=False, method="uniform-budget", **kw(bname))
+            run_pm(f"  ablation: uniform budgets @ {bname}", f"uni@{bname}", "ablation", tu)
+            run_pm(f"  ablation: no progressive @ {bname}", f"noprog@{bname}", "ablation", tables[bname],
+                   progressive=False, notes="body at the final width from the start")
+        for vname, extra in (("no-PI", {"pos_interp": False}), ("no-reparam", {"reparam": False})):
+            restore()
+            art_v = run_calibration(model, tok, CalibSettings(**base, **extra), Path(args.cache_dir))
+            for bname in abl_budgets:
+                t = make_table(model, art_v, widths=(4, 2), separate_kv=False, **kw(bname))
                 run_pm(f"  ablation: {vname} @ {bname}", f"{vname}@{bname}", "ablation", t)
     restore()
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = "python calib/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"command": cmd.strip(), "model": model_id, "eval_text": desc, "length": L, "kivi_group": args.kivi_group,
-            "window": args.window, "n_sink": args.n_sink, "calibration_samples": args.samples,
-            "seq_len": args.seq_len, "effective_len": args.effective_len, "budgets_bytes": budgets,
-            "seconds": round(time.time() - t0)}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = results_markdown(rows, meta)
-    (out / "results.md").write_text(md)
-    from pmkvq_accel.calib.plots import kl_vs_bytes_plot
-    kl_vs_bytes_plot(rows[1:], out / "kl_vs_bytes.png",
-                     f"{model_id}, {L} tokens of {desc}: KL to float vs KV memory")
-    print(md)
+    write(final=True)
+    print(results_markdown(rows, meta))
     print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'kl_vs_bytes.png'} "
           f"({time.time() - t0:.0f} s)")
 
 
 def results_markdown(rows, meta) -> str:
     lines = [f"Model {meta['model']}, {meta['length']} tokens of {meta['eval_text']}, teacher-forced. "
-             f"Command: `{meta['command']}` ({meta['seconds']} s).", "",
+             f"Command: `{meta['command']}` ({meta['seconds']} s{'' if meta.get('complete') else ', INCOMPLETE'}).",
+             "",
              "| method | KV bytes/token (codes+scales/zeros) | codes only | budget | KL mean | KL last 25% | "
              "perplexity | top-1 agree | notes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]

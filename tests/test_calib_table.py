@@ -138,3 +138,20 @@ def test_reparam_fold_qwen2_with_bias():
     T.fold_factors(model, [torch.cat([half, half], 1)] * 2)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_committed_default_table_fits_default_model():
+    """The committed table loads against the real default model and its factors leave the logits unchanged."""
+    from pmkvq_accel.model.llm import DEFAULT_MODEL, cache_root, load_model
+    if not (cache_root() / "models" / DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip("default model not converted yet (make calib / make run does it once)")
+    model, tok = load_model(device="cpu")
+    t = T.load_table(T.default_table_path(), model.config)
+    assert t.model_id == DEFAULT_MODEL and t.n_layers == model.config.num_hidden_layers
+    ids = tok("def f(x):\n    return x + 1\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits
+    T.apply_reparam(model, t)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.allclose(out, ref, atol=2e-3, rtol=1e-3), (out - ref).abs().max()
