@@ -46,22 +46,22 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--float-steps", type=int, default=64, help="decode steps of the float-model baseline")
-    p.add_argument("--board", default="golden")
+    p.add_argument("--board", default="golden", choices=("golden", "sim", "u280"))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     p.add_argument("--json", default=None, metavar="PATH")
     a = p.parse_args(argv)
 
+    from pmkvq_accel.host.device import open_device
+    device = open_device(a.board)  # fails fast, before torch loads
     import torch
 
     from pmkvq_accel.host import table as host_table
     from pmkvq_accel.host.decode import greedy_decode
-    from pmkvq_accel.host.device import open_device
     from pmkvq_accel.host.hf import kv_cache_for
     from pmkvq_accel.host.run import build_prompt, parse_args
     from pmkvq_accel.model.llm import DEFAULT_MODEL, load_model
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = open_device(a.board)
     model, tok = load_model(device="cpu")
     table, label = host_table.load_for_model(model.config, None, DEFAULT_MODEL)
     host_table.apply_reparam(model, table)
@@ -92,4 +92,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pmkvq_accel.host.device import DeviceError, DeviceUnavailable
+    try:
+        sys.exit(main())
+    except (DeviceUnavailable, DeviceError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -209,9 +209,9 @@ class SimDevice(Device):
 
     def __init__(self, **_):
         raise DeviceUnavailable(
-            "the simulated-RTL backend (--board sim) is not yet available: the accelerator kernel RTL and its "
-            "Verilator harness do not exist yet (see docs/kernel-interface.md for the contract it will "
-            "implement). Use --board golden.")
+            "the simulated-RTL backend (--board sim) is not yet available: the host does not yet drive the "
+            "kernel RTL (hw/) on Verilator behind its device interface (docs/kernel-interface.md is the "
+            "contract it will use). Use --board golden.")
 
 
 # ---------------------------------------------------------------------------------------------------------
