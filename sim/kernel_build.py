@@ -16,7 +16,6 @@ KERNEL_FILES = ("axi.py", "kernel.py", "regmap.py")
 def build_kernel(engines: int = 1, word_bits: int = 128, head_dim: int = 64, groups: int = 3,
                  max_tokens: int = 2048) -> Path:
     from pmkvq_accel.hw.kernel import KernelConfig, kernel_verilog
-    from cocotb_tools.runner import get_runner
     cfg = KernelConfig(engines=engines, word_bits=word_bits, head_dim=head_dim, groups=groups,
                        max_tokens=max_tokens)
     params = dict(e=engines, w=word_bits, hd=head_dim, g=groups, t=max_tokens)
@@ -33,9 +32,12 @@ def build_kernel(engines: int = 1, word_bits: int = 128, head_dim: int = 64, gro
             return bdir
         bdir.mkdir(parents=True, exist_ok=True)
         vfile = bdir / "kernel.v"
-        vfile.write_text(kernel_verilog(cfg))
-        get_runner("verilator").build(sources=[vfile], hdl_toplevel="pmkvq_attn", build_dir=bdir,
-                                      build_args=runner.BUILD_ARGS, always=True, timescale=("1ns", "1ps"),
-                                      log_file=bdir / "build.log")
+        text = kernel_verilog(cfg)
+        vfile.write_text(text)
+        vlt = bdir / "ports.vlt"
+        vlt.write_text(runner._ports_vlt(text, "pmkvq_attn"))
+        runner._runner().build(sources=[vlt, vfile], hdl_toplevel="pmkvq_attn", build_dir=bdir,
+                               build_args=runner.BUILD_ARGS, always=True, timescale=("1ns", "1ps"),
+                               log_file=bdir / "build.log")
         stamp.write_text(want)
     return bdir

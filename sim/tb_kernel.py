@@ -12,7 +12,7 @@ from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
 
 from pmkvq_accel.hw import regmap as R
 from pmkvq_accel.model.attention import quantize_query
-from pmkvq_accel.model.quant import quantize
+from pmkvq_accel.model.quant import QuantizedKV, pack_codes, pack_metadata, quantize, shrink, shrink_to
 
 from pmkvq_accel.sim.kernel_image import Head, build_image, decode_partials, expected_partials
 from pmkvq_accel.sim.runner import tb_config
@@ -30,10 +30,12 @@ def stall(seed, p):
 class TB:
     def __init__(self, dut, mem_size=1 << 22, seed=0, stalls=0.0):
         self.dut = dut
-        logging.getLogger("cocotbext.axi").setLevel(logging.WARNING)
+        self.word_bits = len(dut.m_axi_gmem0_rdata)
+        logging.getLogger(f"cocotb.{dut._name}").setLevel(logging.WARNING)  # the bus models log every transfer
         cocotb.start_soon(Clock(dut.ap_clk, 4, unit="ns").start())
         self.ctrl = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi_control"), dut.ap_clk, dut.ap_rst_n,
                                   reset_active_level=False)
+
         self.rams = []
         for e in range(ENGINES):
             ram = AxiRam(AxiBus.from_prefix(dut, f"m_axi_gmem{e}"), dut.ap_clk, dut.ap_rst_n,
@@ -70,7 +72,8 @@ class TB:
             if await self.ctrl.read_dword(R.CTRL) & R.AP_DONE:
                 cycles = (cocotb.utils.get_sim_time("ns") - start) / 4
                 return await self.ctrl.read_dword(R.STATUS), cycles
-        raise AssertionError("kernel did not finish (no ap_done)")
+        debug = await self.ctrl.read_dword(R.DEBUG)
+        raise AssertionError(f"kernel did not finish (no ap_done); debug register {debug:#010x}")
 
 
 def make_heads(rng, n_heads, n_sink, n_body, n_window, k_bits, v_bits, outliers=False):
@@ -93,22 +96,9 @@ def make_heads(rng, n_heads, n_sink, n_body, n_window, k_bits, v_bits, outliers=
 
 
 async def check_launch(tb, heads):
-    mem, args, end = build_image(heads)
+    mem, args, _ = build_image(heads)
     tb.load(mem)
-    status, cycles = await tb.launch(args)
-    assert status == R.STATUS_OK, R.STATUS_NAMES.get(status, status)
-    want = expected_partials(heads)
-    n = len(heads)
-    for e, ram in enumerate(tb.rams):
-        got = decode_partials(ram.read(args["partial"], n * G * R.partial_record_bytes(HD)), n, G, HD)
-        for h in range(n):
-            if h % ENGINES != e:
-                continue
-            for g in range(G):
-                m, E, L, acc = got[h][g]
-                assert (m, E, L) == (int(want[h].m[g]), want[h].E, int(want[h].L[g])), f"head {h} g {g}"
-                np.testing.assert_array_equal(acc, want[h].acc[g])
-    return cycles
+    return await check_launch_args(tb, heads, args)
 
 
 @cocotb.test()
@@ -144,3 +134,123 @@ async def run_bad_arguments(dut):
     # and the kernel still works afterwards
     status, _ = await tb.launch(args)
     assert status == R.STATUS_OK
+
+
+def region(ram, addr, nbytes):
+    return bytes(ram.read(addr, nbytes))
+
+
+def join(a, b):
+    return QuantizedKV(np.concatenate([a.codes, b.codes]), np.concatenate([a.scale, b.scale]),
+                       np.concatenate([a.zero, b.zero]), a.bits)
+
+
+@cocotb.test()
+async def run_shrink_copy_attention(dut):
+    """SHRINK keys and values in place, flush the window into the body (SHRINK the window twice, COPY it),
+    then ATTENTION over the result: every step checked against the golden model's integer shrink."""
+    tb = TB(dut, seed=7, stalls=P.get("stalls", 0.0))
+    await tb.reset()
+    rng = np.random.default_rng(P.get("seed", 5))
+    n_body, n_window = 64, 32
+    heads = make_heads(rng, 2, 1, n_body, n_window, 8, 4, outliers=True)
+    mem, args, _ = build_image(heads)
+    tb.load(mem)
+    ram = tb.rams[0]
+
+    def codes_at(kind, h, off):
+        base, stride = (args["k_codes"], args["k_codes_stride"]) if kind == 0 else (args["v_codes"], args["v_codes_stride"])
+        return base + h * stride + off
+
+    def meta_at(kind, h, off):
+        return (args["k_meta"] if kind == 0 else args["v_meta"]) + h * args["meta_stride"] + off
+
+    def check_block(kind, h, code_off, meta_off, block):
+        packed = pack_codes(block.codes, block.bits, tb.word_bits).tobytes()
+        assert region(ram, codes_at(kind, h, code_off), len(packed)) == packed
+        meta = pack_metadata(block.scale, block.zero).astype("<u4").tobytes()
+        assert region(ram, meta_at(kind, h, meta_off), len(meta)) == meta
+
+    # 1. SHRINK the key body 8 -> 4 and the value body 4 -> 2
+    for kind, bits in ((0, 8), (1, 4)):
+        status, _ = await tb.launch({**args, "op": R.OP_SHRINK, "kind": kind,
+                                     ("k_bits" if kind == 0 else "v_bits"): bits})
+        assert status == R.STATUS_OK, R.STATUS_NAMES[status]
+    for h, hd in enumerate(heads):
+        hd.keys = (hd.keys[0], shrink(hd.keys[1]), hd.keys[2])
+        hd.values = (hd.values[0], shrink(hd.values[1]), hd.values[2])
+        check_block(0, h, args["k_body_off"], args["meta_body_off"], hd.keys[1])
+        check_block(1, h, args["v_body_off"], args["meta_body_off"], hd.values[1])
+    # 2. attention over the shrunk bodies
+    args.update(k_bits=4, v_bits=2)
+    await check_launch_args(tb, heads, args)
+    # 3. flush the window into the body: SHRINK it 16 -> 8 -> 4 (keys) / 16 -> 8 -> 4 -> 2 (values), COPY
+    body_bytes = {0: n_body * HD * 4 // 8, 1: n_body * HD * 2 // 8}
+    for kind, target in ((0, 4), (1, 2)):
+        off = "k" if kind == 0 else "v"
+        bits = 16
+        while bits > target:
+            status, _ = await tb.launch({**args, "op": R.OP_SHRINK, "kind": kind, "n_body": n_window,
+                                         f"{off}_bits": bits, f"{off}_body_off": args[f"{off}_window_off"],
+                                         "meta_body_off": args["meta_window_off"]})
+            assert status == R.STATUS_OK, R.STATUS_NAMES[status]
+            bits //= 2
+        status, _ = await tb.launch({**args, "op": R.OP_COPY, "kind": kind, f"{off}_bits": target,
+                                     f"{off}_body_off": args[f"{off}_body_off"] + body_bytes[kind],
+                                     "meta_body_off": args["meta_body_off"] + 4 * n_body})
+        assert status == R.STATUS_OK, R.STATUS_NAMES[status]
+    for h, hd in enumerate(heads):
+        hd.keys = (hd.keys[0], join(hd.keys[1], shrink_to(hd.keys[2], 4)), None)
+        hd.values = (hd.values[0], join(hd.values[1], shrink_to(hd.values[2], 2)), None)
+        check_block(0, h, args["k_body_off"], args["meta_body_off"], hd.keys[1])
+        check_block(1, h, args["v_body_off"], args["meta_body_off"], hd.values[1])
+    # 4. attention over sink + the grown body, no window
+    args.update(n_body=n_body + n_window, n_window=0)
+    await check_launch_args(tb, heads, args)
+
+
+async def check_launch_args(tb, heads, args):
+    """Launch, then compare every head's partial records (in the RAM of the engine that owns the head)."""
+    status, cycles = await tb.launch(args)
+    assert status == R.STATUS_OK, R.STATUS_NAMES[status]
+    want = expected_partials(heads)
+    n = len(heads)
+    for h in range(n):
+        ram = tb.rams[h % ENGINES]
+        got = decode_partials(ram.read(args["partial"], n * G * R.partial_record_bytes(HD)), n, G, HD)
+        for g in range(G):
+            m, E, L, acc = got[h][g]
+            assert (m, E, L) == (int(want[h].m[g]), want[h].E, int(want[h].L[g])), f"head {h} g {g}"
+            np.testing.assert_array_equal(acc, want[h].acc[g])
+    return cycles
+
+
+async def check_launch_args(tb, heads, args):
+    """Launch, then compare every head's partial records (in the RAM of the engine that owns the head)."""
+    status, cycles = await tb.launch(args)
+    assert status == R.STATUS_OK, R.STATUS_NAMES[status]
+    want = expected_partials(heads)
+    n = len(heads)
+    for h in range(n):
+        ram = tb.rams[h % ENGINES]
+        got = decode_partials(ram.read(args["partial"], n * G * R.partial_record_bytes(HD)), n, G, HD)
+        for g in range(G):
+            m, E, L, acc = got[h][g]
+            assert (m, E, L) == (int(want[h].m[g]), want[h].E, int(want[h].L[g])), f"head {h} g {g}"
+            np.testing.assert_array_equal(acc, want[h].acc[g])
+    return cycles
+
+
+@cocotb.test()
+async def run_flushed_state(dut):
+    """Debug: the state run_shrink_copy_attention ends in, built directly by the golden model."""
+    tb = TB(dut)
+    await tb.reset()
+    rng = np.random.default_rng(P.get("seed", 5))
+    n_body, n_window = 64, 32
+    heads = make_heads(rng, 2, 1, n_body, n_window, 8, 4, outliers=True)
+    for hd in heads:
+        hd.keys = (hd.keys[0], join(shrink(hd.keys[1]), shrink_to(hd.keys[2], 4)), None)
+        hd.values = (hd.values[0], join(shrink(hd.values[1]), shrink_to(hd.values[2], 2)), None)
+    await check_launch(tb, heads)
+

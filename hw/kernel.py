@@ -1,0 +1,478 @@
+"""The Vitis RTL kernel `pmkvq_attn`: AXI4-Lite control (ap_ctrl_hs), N engines, each a decode-attention
+datapath fed from its own AXI4 master (HBM pseudo-channel).
+
+The register map and the device-memory layout are the contract in docs/kernel-interface.md
+(`pmkvq_accel.hw.regmap`). One launch processes `n_heads` KV heads of one layer; engine e takes heads
+e, e + N, e + 2N, ... For each head it reads the G query records, streams the head's key metadata and codes,
+value metadata and codes in the order the datapath consumes them (four read channels sharing the AXI port,
+bursts of up to 64 words, many in flight), and writes the G partial records back.
+Bad arguments end the launch at once with a status code (never a hang).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from amaranth.hdl import Cat, ClockDomain, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.back import verilog
+
+from . import regmap as R
+from .attention import COUNT_BITS, DecodeAttention
+from .axi import BurstWriter, ControlRegisters, ReadArbiter, ReadChannel, axi_full_bundle, axi_lite_bundle
+from .config import DatapathConfig
+from .shrink import ShrinkUnit
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """word_bits is the AXI data width and the datapath word (512 on the U280). The memory layout does not
+    depend on it (code blocks are bit streams, metadata a uint32 array, every block 64-byte aligned), so a
+    narrower kernel (used to keep simulation builds small) reads the same images."""
+    engines: int = 1
+    word_bits: int = R.WORD_BITS
+    head_dim: int = 64
+    groups: int = 3
+    max_tokens: int = 65536
+    fifo_depth: int = 256          # words buffered per read channel (4 bursts of 64)
+    max_outstanding: int = 16      # AXI read bursts in flight per engine
+    datapath: DatapathConfig = field(init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.engines, int) or not 1 <= self.engines <= 16:
+            raise ValueError(f"engines must be 1..16, got {self.engines!r}")
+        if self.fifo_depth < 64 or self.fifo_depth & (self.fifo_depth - 1):
+            raise ValueError(f"fifo_depth must be a power of two >= 64, got {self.fifo_depth!r}")
+        if self.word_bits not in (128, 256, 512):
+            raise ValueError(f"word_bits must be 128, 256 or 512, got {self.word_bits!r}")
+        object.__setattr__(self, "datapath", DatapathConfig(
+            word_bits=self.word_bits, head_dim=self.head_dim, groups=self.groups,
+            max_tokens=self.max_tokens, max_segments=3))
+
+    @property
+    def word_bytes(self) -> int:
+        return self.word_bits // 8
+
+    @property
+    def query_words(self) -> int:
+        return R.query_record_bytes(self.head_dim) // self.word_bytes
+
+    @property
+    def partial_words(self) -> int:
+        return R.partial_record_bytes(self.head_dim) // self.word_bytes
+
+
+def _ceil_shift(m: Module, value, shift: int, name: str, width: int = 24):
+    """ceil(value / 2^shift) as a new signal."""
+    out = Signal(width, name=name)
+    m.d.comb += out.eq((value + ((1 << shift) - 1)) >> shift)
+    return out
+
+
+class Engine(Elaboratable):
+    """One engine: sequencer + read channels + datapath + partial-record writer on one AXI4 master."""
+
+    def __init__(self, cfg: KernelConfig, index: int, bus, args: dict):
+        self.cfg, self.index, self.bus, self.args = cfg, index, bus, args
+        self.start = Signal()     # pulse: launch with the (validated) arguments
+        self.busy = Signal()
+        self.debug = Signal(32)   # progress/diagnostic bits, readable at regmap.DEBUG
+
+    def elaborate(self, platform):
+        cfg, a = self.cfg, self.args
+        HD, G = cfg.head_dim, cfg.groups
+        WORD_BITS, WORD_BYTES = cfg.word_bits, cfg.word_bytes
+        MPW = WORD_BITS // 32          # metadata entries per word
+        m = Module()
+        m.submodules.dp = dp = DecodeAttention(cfg.datapath)
+        names = ("query", "kmeta", "kcode", "vmeta", "vcode")
+        ch = {n: ReadChannel(WORD_BITS, cfg.fifo_depth) for n in names}
+        for n, c in ch.items():
+            m.submodules[f"rd_{n}"] = c
+        m.submodules.arb = ReadArbiter(self.bus, [ch[n] for n in names], cfg.max_outstanding)
+        m.submodules.wr = wr = BurstWriter(self.bus, cfg.max_outstanding)
+
+        # ---- per-launch and per-head state ----
+        head = Signal(16)
+        x_mode = Signal()    # SHRINK / COPY data movement (the writer takes its words)
+        hd_log2 = HD.bit_length() - 1
+        nz = [a["n_sink"] != 0, a["n_body"] != 0, a["n_window"] != 0]
+        counts = [a["n_sink"], a["n_body"], a["n_window"]]
+        k_lb = Signal(2)
+        v_lb = Signal(2)
+        m.d.comb += [k_lb.eq(_lb(a["k_bits"])), v_lb.eq(_lb(a["v_bits"]))]
+        klbs = [Const(3, 2), k_lb, Const(3, 2)]
+        vlbs = [Const(3, 2), v_lb, Const(3, 2)]
+
+        def code_words(n, lb, name):
+            bits = Signal(40, name=f"{name}_bits")
+            m.d.comb += bits.eq(n << (hd_log2 + 1 + lb))
+            return _ceil_shift(m, bits, WORD_BITS.bit_length() - 1, f"{name}_words")
+
+        meta_words = [_ceil_shift(m, n, MPW.bit_length() - 1, f"meta_words_{i}") for i, n in enumerate(counts)]
+        kcode_words = [code_words(n, lb, f"kc{i}") for i, (n, lb) in enumerate(zip(counts, klbs))]
+        vcode_words = [code_words(n, lb, f"vc{i}") for i, (n, lb) in enumerate(zip(counts, vlbs))]
+
+        h64 = head.as_unsigned()
+        k_codes = Signal(64)
+        v_codes = Signal(64)
+        k_meta = Signal(64)
+        v_meta = Signal(64)
+        m.d.comb += [
+            k_codes.eq(a["k_codes"] + h64 * a["k_codes_stride"]),
+            v_codes.eq(a["v_codes"] + h64 * a["v_codes_stride"]),
+            k_meta.eq(a["k_meta"] + h64 * a["meta_stride"]),
+            v_meta.eq(a["v_meta"] + h64 * a["meta_stride"]),
+        ]
+        extents = {
+            "kmeta": [(k_meta, meta_words[0]), (k_meta + a["meta_body_off"], meta_words[1]),
+                      (k_meta + a["meta_window_off"], meta_words[2])],
+            "kcode": [(k_codes, kcode_words[0]), (k_codes + a["k_body_off"], kcode_words[1]),
+                      (k_codes + a["k_window_off"], kcode_words[2])],
+            "vmeta": [(v_meta, meta_words[0]), (v_meta + a["meta_body_off"], meta_words[1]),
+                      (v_meta + a["meta_window_off"], meta_words[2])],
+            "vcode": [(v_codes, vcode_words[0]), (v_codes + a["v_body_off"], vcode_words[1]),
+                      (v_codes + a["v_window_off"], vcode_words[2])],
+        }
+
+        # ---- command feeders: each KV channel gets its (up to) three segment extents in order ----
+        feed = Signal()      # high while the current head's KV commands are being issued
+        for n, ext in extents.items():
+            idx = Signal(2, name=f"ext_{n}")
+            c = ch[n].cmd
+            with m.Switch(idx):
+                for i, (addr, words) in enumerate(ext):
+                    with m.Case(i):
+                        m.d.comb += [c.payload.addr.eq(addr), c.payload.words.eq(words),
+                                     c.valid.eq(feed & (words != 0))]
+            with m.If(feed & (idx < 3) & (~c.valid | c.ready)):
+                m.d.sync += idx.eq(idx + 1)
+            with m.If(self.start | ~feed):
+                m.d.sync += idx.eq(0)
+
+        # ---- query loader -> job descriptor ----
+        qwords = cfg.query_words * G
+        qbuf = Signal(qwords * WORD_BITS)
+        qcount = Signal(range(qwords + 1))
+        qc = ch["query"]
+        m.d.comb += qc.data.ready.eq(qcount != qwords)
+        with m.If(qc.data.valid & qc.data.ready):
+            m.d.sync += [qbuf.eq(Cat(qbuf[WORD_BITS:], qc.data.payload)), qcount.eq(qcount + 1)]
+        rec_bits = cfg.query_words * WORD_BITS
+        job = dp.job.payload
+        m.d.comb += [
+            job.q.eq(Cat(*[qbuf[g * rec_bits:g * rec_bits + 16 * HD] for g in range(G)])),
+            job.qexp.eq(Cat(*[qbuf[g * rec_bits + 16 * HD:g * rec_bits + 16 * HD + 16] for g in range(G)])),
+            job.nseg.eq(nz[0] + nz[1] + nz[2]),
+        ]
+        # compact the non-empty segments into slots 0..nseg-1
+        slots = _compact(m, nz, [(c, kl, vl) for c, kl, vl in zip(counts, klbs, vlbs)])
+        m.d.comb += [
+            job.count.eq(Cat(*[s[0][:COUNT_BITS] for s in slots])),
+            job.klb.eq(Cat(*[s[1] for s in slots])),
+            job.vlb.eq(Cat(*[s[2] for s in slots])),
+        ]
+
+        # ---- data sequencer: the order hw.attention consumes words ----
+        seg = Signal(2)              # index into the three (possibly empty) segments
+        rem = Signal(COUNT_BITS)     # tokens of the segment not yet covered by a metadata group
+        in_group = Signal(24)        # code words left in the current key group
+        phase = Signal(2)            # 0 key pass, 1 value metadata, 2 value codes, 3 done
+        left = Signal(24)            # words left in phase 1 / 2
+        seg_cnt = Signal(COUNT_BITS)
+        seg_klb = Signal(2)
+        m.d.comb += [seg_cnt.eq(Mux(seg == 0, counts[0], Mux(seg == 1, counts[1], counts[2]))),
+                     seg_klb.eq(Mux(seg == 1, k_lb, 3))]
+        ntok = Signal(range(MPW + 1))
+        m.d.comb += ntok.eq(Mux(rem > MPW, MPW, rem))
+        group_words = code_words(ntok, seg_klb, "grp")
+        src = Signal(3)  # 0 none, 1 kmeta, 2 kcode, 3 vmeta, 4 vcode
+        running = Signal()
+        with m.If(running):
+            with m.Switch(phase):
+                with m.Case(0):
+                    m.d.comb += src.eq(Mux(in_group != 0, 2, Mux(rem != 0, 1, 0)))
+                with m.Case(1):
+                    m.d.comb += src.eq(Mux(left != 0, 3, 0))
+                with m.Case(2):
+                    m.d.comb += src.eq(Mux(left != 0, 4, 0))
+        order = [None, "kmeta", "kcode", "vmeta", "vcode"]
+        for i in range(1, 5):
+            c = ch[order[i]]
+            m.d.comb += c.data.ready.eq((src == i) & dp.data.ready)
+            with m.If(src == i):
+                m.d.comb += [dp.data.valid.eq(c.data.valid), dp.data.payload.eq(c.data.payload)]
+        took = dp.data.valid & dp.data.ready
+        total_vmeta = Signal(24)
+        total_vcode = Signal(24)
+        m.d.comb += [total_vmeta.eq(meta_words[0] + meta_words[1] + meta_words[2]),
+                     total_vcode.eq(vcode_words[0] + vcode_words[1] + vcode_words[2])]
+        with m.If(running):
+            with m.Switch(phase):
+                with m.Case(0):
+                    with m.If((src == 1) & took):
+                        m.d.sync += [in_group.eq(group_words), rem.eq(rem - ntok)]
+                    with m.If((src == 2) & took):
+                        m.d.sync += in_group.eq(in_group - 1)
+                    with m.If((src == 0)):
+                        # segment finished: next segment, or the value metadata phase
+                        with m.If(seg == 2):
+                            m.d.sync += [phase.eq(1), left.eq(total_vmeta)]
+                        with m.Else():
+                            m.d.sync += [seg.eq(seg + 1), rem.eq(Mux(seg == 0, counts[1], counts[2]))]
+                with m.Case(1):
+                    with m.If(took):
+                        m.d.sync += left.eq(left - 1)
+                    with m.If(src == 0):
+                        m.d.sync += [phase.eq(2), left.eq(total_vcode)]
+                with m.Case(2):
+                    with m.If(took):
+                        m.d.sync += left.eq(left - 1)
+                    with m.If(src == 0):
+                        m.d.sync += phase.eq(3)
+
+        # ---- results -> partial records -> writer ----
+        pw = cfg.partial_words
+        rec = Signal(pw * WORD_BITS)
+        rec_left = Signal(range(pw + 1))
+        rp = dp.result.payload
+        m.d.comb += dp.result.ready.eq(rec_left == 0)
+        with m.If(dp.result.valid & dp.result.ready):
+            e32 = Signal(signed(32))
+            m.d.comb += e32.eq(rp.e.as_signed())
+            m.d.sync += [rec.eq(Cat(rp.m, e32, rp.l, rp.acc)), rec_left.eq(pw)]
+        with m.If(~x_mode):
+            m.d.comb += [wr.data.valid.eq(rec_left != 0), wr.data.payload.eq(rec[:WORD_BITS])]
+        with m.If(~x_mode & wr.data.valid & wr.data.ready):
+            m.d.sync += [rec.eq(rec >> WORD_BITS), rec_left.eq(rec_left - 1)]
+        results = Signal(range(G + 1))
+        with m.If(dp.result.valid & dp.result.ready):
+            m.d.sync += results.eq(results + 1)
+
+        # ---- SHRINK / COPY: one block per head through the kcode (codes) and kmeta (metadata) channels ----
+        m.submodules.shrink = su = ShrinkUnit(WORD_BITS)
+        values = a["kind"][0]
+        x_lb = Signal(2)
+        m.d.comb += x_lb.eq(Mux(values, v_lb, k_lb))
+        base_codes = Signal(64)
+        base_meta = Signal(64)
+        m.d.comb += [base_codes.eq(Mux(values, v_codes, k_codes)), base_meta.eq(Mux(values, v_meta, k_meta))]
+        body_off = Mux(values, a["v_body_off"], a["k_body_off"])
+        window_off = Mux(values, a["v_window_off"], a["k_window_off"])
+        is_shrink = a["op"] == R.OP_SHRINK
+        x_tokens = Signal(COUNT_BITS)
+        m.d.comb += x_tokens.eq(Mux(is_shrink, a["n_body"], a["n_window"]))
+        x_in = code_words(x_tokens, x_lb, "x_in")                 # code words read
+        x_lb_out = Signal(2)
+        m.d.comb += x_lb_out.eq(x_lb - 1)
+        x_out = code_words(x_tokens, x_lb_out, "x_out")           # code words written by SHRINK
+        x_meta = _ceil_shift(m, x_tokens, MPW.bit_length() - 1, "x_meta")
+        x_codes_out = Signal(24)
+        m.d.comb += x_codes_out.eq(Mux(is_shrink, x_out, x_in))
+        x_src_codes = Signal(64)
+        x_src_meta = Signal(64)
+        x_dst_codes = Signal(64)
+        x_dst_meta = Signal(64)
+        m.d.comb += [
+            x_src_codes.eq(base_codes + Mux(is_shrink, body_off, window_off)),
+            x_src_meta.eq(base_meta + Mux(is_shrink, a["meta_body_off"], a["meta_window_off"])),
+            x_dst_codes.eq(base_codes + body_off),
+            x_dst_meta.eq(base_meta + a["meta_body_off"]),
+        ]
+        x_fed = Signal(24)       # words taken from the channels
+        x_done = Signal(24)      # words handed to the writer
+        x_meta_cmd = Signal()    # the metadata write command has been issued
+        kc, km = ch["kcode"], ch["kmeta"]
+        from_codes = x_fed < x_in
+        src_valid = Mux(from_codes, kc.data.valid, km.data.valid)
+        src_data = Mux(from_codes, kc.data.payload, km.data.payload)
+        x_take = Signal()
+        with m.If(x_mode):
+            m.d.comb += [kc.data.ready.eq(from_codes & x_take), km.data.ready.eq(~from_codes & x_take)]
+            with m.If(is_shrink):
+                m.d.comb += [su.i.valid.eq(src_valid & (x_fed < x_in + x_meta)), su.i.payload.data.eq(src_data),
+                             su.i.payload.kind.eq(~from_codes), su.i.payload.n_lb.eq(x_lb_out),
+                             su.i.payload.last.eq(x_fed + 1 == x_in),
+                             x_take.eq(su.i.valid & su.i.ready),
+                             wr.data.valid.eq(su.o.valid), wr.data.payload.eq(su.o.payload.data),
+                             su.o.ready.eq(wr.data.ready)]
+            with m.Else():
+                m.d.comb += [x_take.eq(src_valid & (x_fed < x_in + x_meta) & wr.data.ready),
+                             wr.data.valid.eq(src_valid & (x_fed < x_in + x_meta)), wr.data.payload.eq(src_data)]
+        with m.If(x_take):
+            m.d.sync += x_fed.eq(x_fed + 1)
+        with m.If(x_mode & wr.data.valid & wr.data.ready):
+            m.d.sync += x_done.eq(x_done + 1)
+
+        # ---- head loop ----
+        n_heads = a["n_heads"]
+        step = cfg.engines
+        with m.FSM(name=f"engine{self.index}") as fsm:
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += head.eq(self.index)
+                    with m.If(self.index < n_heads):
+                        with m.If(a["op"] == R.OP_ATTENTION):
+                            m.next = "QUERY"
+                        with m.Else():
+                            m.next = "X_ISSUE"
+            with m.State("X_ISSUE"):
+                m.d.comb += [kc.cmd.valid.eq(1), kc.cmd.payload.addr.eq(x_src_codes), kc.cmd.payload.words.eq(x_in),
+                             km.cmd.valid.eq(1), km.cmd.payload.addr.eq(x_src_meta),
+                             km.cmd.payload.words.eq(x_meta),
+                             wr.cmd.valid.eq(1), wr.cmd.payload.addr.eq(x_dst_codes),
+                             wr.cmd.payload.words.eq(x_codes_out)]
+                m.d.sync += [x_fed.eq(0), x_done.eq(0), x_meta_cmd.eq(0)]
+                m.next = "X_RUN"   # every channel and the writer are idle here: all three commands are taken
+            with m.State("X_RUN"):
+                m.d.comb += x_mode.eq(1)
+                with m.If(~x_meta_cmd):
+                    m.d.comb += [wr.cmd.valid.eq(1), wr.cmd.payload.addr.eq(x_dst_meta),
+                                 wr.cmd.payload.words.eq(x_meta)]
+                    with m.If(wr.cmd.ready):
+                        m.d.sync += x_meta_cmd.eq(1)
+                with m.If(x_meta_cmd & (x_done == x_codes_out + x_meta) & wr.idle):
+                    with m.If(head + step < n_heads):
+                        m.d.sync += head.eq(head + step)
+                        m.next = "X_ISSUE"
+                    with m.Else():
+                        m.next = "IDLE"
+            with m.State("QUERY"):
+                m.d.comb += [qc.cmd.valid.eq(1),
+                             qc.cmd.payload.addr.eq(a["query"] + h64 * (qwords * WORD_BYTES)),
+                             qc.cmd.payload.words.eq(qwords)]
+                with m.If(qc.cmd.ready):
+                    m.d.sync += [qcount.eq(0), seg.eq(0), rem.eq(counts[0]), in_group.eq(0), phase.eq(0),
+                                 results.eq(0)]
+                    m.next = "LOAD"
+            with m.State("LOAD"):
+                m.d.comb += feed.eq(1)
+                with m.If(qcount == qwords):
+                    m.d.comb += dp.job.valid.eq(1)
+                    with m.If(dp.job.ready):
+                        m.d.comb += [wr.cmd.valid.eq(1)]
+                        m.next = "RUN"
+                m.d.comb += wr.cmd.payload.addr.eq(a["partial"] + h64 * (G * pw * WORD_BYTES))
+                m.d.comb += wr.cmd.payload.words.eq(G * pw)
+            with m.State("RUN"):
+                m.d.comb += [feed.eq(1), running.eq(1)]
+                with m.If((phase == 3) & (results == G) & (rec_left == 0) & wr.idle):
+                    with m.If(head + step < n_heads):
+                        m.d.sync += head.eq(head + step)
+                        m.next = "QUERY"
+                    with m.Else():
+                        m.next = "IDLE"
+        m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
+        states = ("IDLE", "QUERY", "LOAD", "RUN", "X_ISSUE", "X_RUN")
+        m.d.comb += self.debug.eq(Cat(
+            Cat(*[fsm.ongoing(st) for st in states]),                       # [5:0] engine state (one-hot)
+            phase, src, seg,                                                  # [6:8] [9:11] [12:13]
+            Cat(*[ch[n].data.valid for n in names]),                         # [14:18] channel has data
+            Cat(*[ch[n].cmd.ready for n in names]),                          # [19:23] channel idle
+            dp.job.ready, dp.data.ready, dp.result.valid, wr.idle,           # [24:27]
+            su.o.valid, x_meta_cmd, in_group != 0, rem != 0))                # [28:31]
+        return m
+
+
+def _lb(bits):
+    """Width -> 2-bit code (2 -> 0, 4 -> 1, 8 -> 2, 16 -> 3); invalid widths are caught by validation."""
+    return Mux(bits == 16, 3, Mux(bits == 8, 2, Mux(bits == 4, 1, 0)))
+
+
+def _compact(m: Module, present, items):
+    """Slots 0..2 holding the present items in order (absent slots zero)."""
+    width = [len(x) if hasattr(x, "__len__") else 2 for x in items[0]]
+    slots = []
+    for k in range(3):
+        outs = [Signal(w, name=f"slot{k}_{j}") for j, w in enumerate(width)]
+        # item i lands in slot (number of present items before it)
+        for i, item in enumerate(items):
+            before = sum(present[j].as_unsigned() for j in range(i)) if i else Const(0, 2)
+            with m.If(present[i] & (before == k)):
+                m.d.comb += [o.eq(v) for o, v in zip(outs, item)]
+        slots.append(outs)
+    return slots
+
+
+class Kernel(Elaboratable):
+    """The top level `pmkvq_attn` with Vitis port names."""
+
+    def __init__(self, cfg: KernelConfig = KernelConfig()):
+        self.cfg = cfg
+        self.ap_clk = Signal(name="ap_clk")
+        self.ap_rst_n = Signal(name="ap_rst_n")
+        self.interrupt = Signal(name="interrupt")
+        self.control = axi_lite_bundle("s_axi_control", addr_bits=8)
+        self.gmem = [axi_full_bundle(f"m_axi_gmem{e}", cfg.word_bits) for e in range(cfg.engines)]
+
+    @property
+    def ports(self):
+        out = [self.ap_clk, self.ap_rst_n, self.interrupt] + self.control.ports
+        for g in self.gmem:
+            out += g.ports
+        return out
+
+    def elaborate(self, platform):
+        cfg = self.cfg
+        m = Module()
+        m.domains.sync = cd = ClockDomain("sync")
+        m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(~self.ap_rst_n)]
+        m.submodules.ctrl = ctrl = ControlRegisters(self.control, R.ARGS, R.STATUS, R.DEBUG)
+        a = ctrl.args
+        engines = [Engine(cfg, e, self.gmem[e], a) for e in range(cfg.engines)]
+        for e, eng in enumerate(engines):
+            m.submodules[f"engine{e}"] = eng
+        m.d.comb += self.interrupt.eq(ctrl.interrupt)
+
+        # argument checks -> status (first failing check wins)
+        total = Signal(34)
+        m.d.comb += total.eq(a["n_sink"] + a["n_body"] + a["n_window"])
+        misaligned = Signal()
+        m.d.comb += misaligned.eq(Cat(*[a[n][:6] != 0 for n in R.ALIGNED_ARGS]).any())
+        status = Signal(32)
+        op = a["op"]
+        attn = op == R.OP_ATTENTION
+        xbits = Mux(a["kind"][0], a["v_bits"], a["k_bits"])
+        xtok = Mux(op == R.OP_SHRINK, a["n_body"], a["n_window"])
+        checks = [
+            ((op != R.OP_ATTENTION) & (op != R.OP_SHRINK) & (op != R.OP_COPY), R.STATUS_BAD_OP),
+            (~attn & (a["kind"] > 1), R.STATUS_BAD_KIND),
+            (a["head_dim"] != cfg.head_dim, R.STATUS_BAD_HEAD_DIM),
+            (attn & (a["group"] != cfg.groups), R.STATUS_BAD_GROUP),
+            (Mux(attn, ~_valid_bits(a["k_bits"]) | ~_valid_bits(a["v_bits"]),
+                 ~_valid_bits(xbits) | ((op == R.OP_SHRINK) & (xbits == 2))), R.STATUS_BAD_BITS),
+            ((a["n_heads"] == 0) | Mux(attn, (total == 0) | (total > cfg.max_tokens),
+                                       (xtok == 0) | (xtok > cfg.max_tokens)), R.STATUS_BAD_TOKENS),
+            (misaligned, R.STATUS_BAD_ADDRESS),
+        ]
+        verdict = Const(R.STATUS_OK, 32)
+        for cond, code in reversed(checks):
+            verdict = Mux(cond, code, verdict)
+        busy = Cat(*[e.busy for e in engines]).any()
+        with m.FSM(name="top") as fsm:
+            with m.State("IDLE"):
+                with m.If(ctrl.start):
+                    m.d.comb += ctrl.ack.eq(1)
+                    m.next = "CHECK"
+            with m.State("CHECK"):
+                m.d.sync += status.eq(verdict)
+                with m.If(verdict == R.STATUS_OK):
+                    m.d.comb += [e.start.eq(1) for e in engines]
+                    m.next = "WAIT"
+                with m.Else():
+                    m.next = "DONE"
+            with m.State("WAIT"):
+                with m.If(~busy):
+                    m.next = "DONE"
+            with m.State("DONE"):
+                m.d.comb += ctrl.done.eq(1)
+                m.next = "IDLE"
+        m.d.comb += [ctrl.idle.eq(fsm.ongoing("IDLE")), ctrl.status.eq(status), ctrl.debug.eq(engines[0].debug)]
+        return m
+
+
+def _valid_bits(bits):
+    return (bits == 2) | (bits == 4) | (bits == 8) | (bits == 16)
+
+
+def kernel_verilog(cfg: KernelConfig = KernelConfig()) -> str:
+    """Verilog of the whole kernel, top module `pmkvq_attn`."""
+    k = Kernel(cfg)
+    return verilog.convert(k, name=R.KERNEL_NAME, ports=k.ports, emit_src=False)
