@@ -224,33 +224,3 @@ async def check_launch_args(tb, heads, args):
             np.testing.assert_array_equal(acc, want[h].acc[g])
     return cycles
 
-
-async def check_launch_args(tb, heads, args):
-    """Launch, then compare every head's partial records (in the RAM of the engine that owns the head)."""
-    status, cycles = await tb.launch(args)
-    assert status == R.STATUS_OK, R.STATUS_NAMES[status]
-    want = expected_partials(heads)
-    n = len(heads)
-    for h in range(n):
-        ram = tb.rams[h % ENGINES]
-        got = decode_partials(ram.read(args["partial"], n * G * R.partial_record_bytes(HD)), n, G, HD)
-        for g in range(G):
-            m, E, L, acc = got[h][g]
-            assert (m, E, L) == (int(want[h].m[g]), want[h].E, int(want[h].L[g])), f"head {h} g {g}"
-            np.testing.assert_array_equal(acc, want[h].acc[g])
-    return cycles
-
-
-@cocotb.test()
-async def run_flushed_state(dut):
-    """Debug: the state run_shrink_copy_attention ends in, built directly by the golden model."""
-    tb = TB(dut)
-    await tb.reset()
-    rng = np.random.default_rng(P.get("seed", 5))
-    n_body, n_window = 64, 32
-    heads = make_heads(rng, 2, 1, n_body, n_window, 8, 4, outliers=True)
-    for hd in heads:
-        hd.keys = (hd.keys[0], join(shrink(hd.keys[1]), shrink_to(hd.keys[2], 4)), None)
-        hd.values = (hd.values[0], join(shrink(hd.values[1]), shrink_to(hd.values[2], 2)), None)
-    await check_launch(tb, heads)
-
