@@ -224,3 +224,123 @@ async def check_launch_args(tb, heads, args):
             np.testing.assert_array_equal(acc, want[h].acc[g])
     return cycles
 
+
+
+class LatencyMemory:
+    """AXI4 slave with a fixed read latency (HBM-like: every burst's first beat comes `latency` cycles after
+    its address, then one beat per cycle; any number of bursts in flight). Writes complete at once.
+    Counts the cycles the R channel carried data, for the bandwidth measurement."""
+
+    def __init__(self, dut, prefix, clk, size, latency):
+        self.clk, self.latency = clk, latency
+        self.mem = bytearray(size)
+        self.s = {n: getattr(dut, f"{prefix}_{n}") for n in (
+            "arvalid", "arready", "araddr", "arlen", "rvalid", "rready", "rdata", "rlast", "rresp", "rid",
+            "awvalid", "awready", "awaddr", "awlen", "wvalid", "wready", "wdata", "wlast", "bvalid", "bready",
+            "bresp", "bid")}
+        self.wbytes = len(self.s["rdata"]) // 8
+        self.beats = 0
+        cocotb.start_soon(self._read())
+        cocotb.start_soon(self._write())
+
+    def write(self, addr, data):
+        self.mem[addr:addr + len(data)] = data
+
+    def read(self, addr, n):
+        return bytes(self.mem[addr:addr + n])
+
+    async def _read(self):
+        s, queue, cycle = self.s, [], 0
+        s["arready"].value = 1
+        s["rvalid"].value = 0
+        s["rresp"].value = 0
+        s["rid"].value = 0
+        beat = None
+        while True:
+            await RisingEdge(self.clk)
+            cycle += 1
+            if s["rvalid"].value and s["rready"].value:
+                self.beats += 1
+                beat = None
+            if s["arvalid"].value and s["arready"].value:
+                queue.append([cycle + self.latency, int(s["araddr"].value), int(s["arlen"].value) + 1])
+            if beat is None and queue and queue[0][0] <= cycle:
+                q = queue[0]
+                beat = q[1]
+                q[1] += self.wbytes
+                q[2] -= 1
+                last = q[2] == 0
+                if last:
+                    queue.pop(0)
+                s["rdata"].value = int.from_bytes(self.mem[beat:beat + self.wbytes], "little")
+                s["rlast"].value = int(last)
+                s["rvalid"].value = 1
+            elif beat is None:
+                s["rvalid"].value = 0
+
+    async def _write(self):
+        s = self.s
+        s["awready"].value = 1
+        s["wready"].value = 1
+        s["bvalid"].value = 0
+        s["bresp"].value = 0
+        s["bid"].value = 0
+        bursts, pending_b = [], 0
+        while True:
+            await RisingEdge(self.clk)
+            if s["bvalid"].value and s["bready"].value:
+                pending_b -= 1
+            if s["awvalid"].value and s["awready"].value:
+                bursts.append(int(s["awaddr"].value))
+            if s["wvalid"].value and s["wready"].value:
+                addr = bursts[0]
+                self.mem[addr:addr + self.wbytes] = int(s["wdata"].value).to_bytes(self.wbytes, "little")
+                bursts[0] += self.wbytes
+                if s["wlast"].value:
+                    bursts.pop(0)
+                    pending_b += 1
+            s["bvalid"].value = int(pending_b > 0)
+
+
+@cocotb.test()
+async def run_bandwidth(dut):
+    """Cycles of one ATTENTION launch against the words it reads, with a fixed-latency memory."""
+    cocotb.start_soon(Clock(dut.ap_clk, 4, unit="ns").start())
+    ctrl = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi_control"), dut.ap_clk, dut.ap_rst_n,
+                         reset_active_level=False)
+    logging.getLogger(f"cocotb.{dut._name}").setLevel(logging.WARNING)
+    mem = LatencyMemory(dut, "m_axi_gmem0", dut.ap_clk, 1 << 24, P.get("latency", 100))
+    dut.ap_rst_n.value = 0
+    await ClockCycles(dut.ap_clk, 5)
+    dut.ap_rst_n.value = 1
+    await ClockCycles(dut.ap_clk, 2)
+    rng = np.random.default_rng(0)
+    rows = []
+    for case in P["cases"]:
+        heads = make_heads(rng, **case)
+        image, args, _ = build_image(heads, body_cap=max(2048, case["n_body"]))
+        for addr, data in image.items():
+            mem.write(addr, data)
+        for name, value in args.items():
+            off, bits = R.ARGS[name]
+            await ctrl.write_dword(off, value & 0xFFFFFFFF)
+            if bits == 64:
+                await ctrl.write_dword(off + 4, value >> 32)
+        mem.beats = 0
+        start = cocotb.utils.get_sim_time("ns")
+        await ctrl.write_dword(R.CTRL, R.AP_START)
+        while not int(dut.interrupt.value) and not (await ctrl.read_dword(R.CTRL)) & R.AP_DONE:
+            await ClockCycles(dut.ap_clk, 16)
+        cycles = (cocotb.utils.get_sim_time("ns") - start) / 4
+        status = await ctrl.read_dword(R.STATUS)
+        assert status == R.STATUS_OK, R.STATUS_NAMES[status]
+        want = expected_partials(heads)
+        got = decode_partials(mem.read(args["partial"], len(heads) * G * R.partial_record_bytes(HD)),
+                              len(heads), G, HD)
+        for h in range(len(heads)):
+            for g in range(G):
+                assert got[h][g][2] == int(want[h].L[g])
+        rows.append(dict(case, cycles=cycles, words=mem.beats))
+    with open(P["out"], "w") as f:
+        import json
+        json.dump(rows, f)
