@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 JOBS    ?= 2
 
-.PHONY: venv run test sim bench-golden calib eval clean
+.PHONY: venv run test sim bench-golden bench-host bench-kernel calib eval bitstream clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,17 @@ sim: $(STAMP)
 
 bench-golden: $(STAMP)
 	$(PY) model/bench_golden.py
+
+bench-host: $(STAMP)
+	$(PY) host/bench.py
+
+bench-kernel: $(STAMP)
+	$(PY) sim/bench_kernel.py
+
+# Vitis RTL kernel: Verilog, kernel.xml, package_xo.tcl, link.cfg; the .xclbin where v++ is installed,
+# an open-source synthesis estimate (and exit status 3) where it is not.
+bitstream: $(STAMP)
+	$(PY) hw/bitstream.py --out build/bitstream
 
 # PM-KVQ calibration of the default model: bit-width table + plots.
 calib: $(STAMP)

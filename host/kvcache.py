@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pmkvq_accel.model.attention import Partial, merge_partials, quantize_query
-from pmkvq_accel.model.cache import CacheConfig, Occupancy, _advance
+from pmkvq_accel.model.cache import CacheConfig, Occupancy, advance
 from pmkvq_accel.model.quant import QuantizedKV, pack_metadata, quantize, unpack_codes, unpack_metadata
 
 from . import layout as L
@@ -134,7 +134,7 @@ class DeviceKVCache:
         pos = 0
         while pos < T:
             into_sink = lay.occ[0].sink < cfg.n_sink
-            taken = [_advance(lay.occ[i], T - pos, lay.budgets[i], lay.events[i],
+            taken = [advance(lay.occ[i], T - pos, lay.budgets[i], lay.events[i],
                               on_flush=lambda i=i: self._flush(layer, i),
                               on_shrink=lambda i=i: self._shrink(layer, i)) for i in (0, 1)]
             assert taken[0] == taken[1], "keys and values advance together"

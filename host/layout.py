@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pmkvq_accel.model.cache import CacheConfig, Occupancy, _advance, shrink_schedule
+from pmkvq_accel.model.cache import CacheConfig, Occupancy, advance, shrink_schedule
 from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS
 
 KERNEL_NAME = "pmkvq_attn"
@@ -156,7 +156,7 @@ def body_capacity(cfg: CacheConfig, budget: float, max_len: int) -> int:
     def on_flush():  # the window joins the body at the body's width, before any shrink
         peak[0] = max(peak[0], (occ.body + occ.window) * occ.bits)
     while pos < max_len:
-        pos += _advance(occ, max_len - pos, budget, [], on_flush=on_flush)
+        pos += advance(occ, max_len - pos, budget, [], on_flush=on_flush)
     peak[0] = max(peak[0], occ.body * occ.bits)
     return ceil_words(-(-peak[0] * cfg.head_dim // 8))
 

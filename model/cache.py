@@ -104,12 +104,16 @@ def shrink_schedule(cfg: CacheConfig, budget: float, max_len: int) -> list[tuple
     occ, events = Occupancy(cfg), []
     pos = 0
     while pos < max_len:
-        pos = _advance(occ, max_len - pos, budget, events) + pos
+        pos = advance(occ, max_len - pos, budget, events) + pos
     return events
 
 
-def _advance(occ: Occupancy, n: int, budget: float, events: list, on_flush=None, on_shrink=None) -> int:
-    """Add up to n tokens to the accounting (one window fill at most); return how many were added."""
+def advance(occ: Occupancy, n: int, budget: float, events: list, on_flush=None, on_shrink=None) -> int:
+    """Add up to n tokens to the accounting (one window fill at most); return how many were added.
+
+    The one place the progressive decisions are made: `on_flush` runs before a full window joins the
+    body, `on_shrink` after the body width halves. ProgressiveStore and the host's device cache manager
+    hang their data movement on these hooks, so they follow exactly the same schedule."""
     cfg = occ.cfg
     if occ.sink < cfg.n_sink:
         take = min(n, cfg.n_sink - occ.sink)
@@ -178,7 +182,7 @@ class ProgressiveStore:
         pos = 0
         while pos < x.shape[1]:
             into_sink = self.occ.sink < self.cfg.n_sink
-            taken = _advance(self.occ, x.shape[1] - pos, self.budget, self.events,
+            taken = advance(self.occ, x.shape[1] - pos, self.budget, self.events,
                              on_flush=self._flush, on_shrink=self._shrink_body)
             part = [_slice(b, pos, pos + taken) for b in blocks]
             target = self._sink if into_sink else self._window
