@@ -37,6 +37,7 @@ from pmkvq_accel.calib.quantsim import (FloatLayer, KIVILayer, ProgressiveLayer,
 from pmkvq_accel.model.cache import CacheConfig
 
 REPO = Path(__file__).resolve().parent.parent
+ALL_STEPS = ("rtn4", "kivi2", "pm", "pm+", "rtn8", "rtn2", "kivi4", "uniform", "noprog", "no-PI", "no-reparam")
 
 
 class Reference:
@@ -110,6 +111,7 @@ def build_parser():
     p.add_argument("--window", type=int, default=128, help="PM-KVQ window and KIVI residual length")
     p.add_argument("--n-sink", type=int, default=1)
     p.add_argument("--skip-ablations", action="store_true")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of the steps {ALL_STEPS} (default all)")
     p.add_argument("--ablation-budgets", default="RTN-4", help="budgets the ablations run at: RTN-4 and/or KIVI-2")
     p.add_argument("--out", default=str(REPO / "out" / "eval"))
     p.add_argument("--cache-dir", default=str(REPO / "out" / "calib" / "cache"))
@@ -219,27 +221,39 @@ def main(argv=None):
                     factors_rel=None)
 
     # Most important comparisons first: matched-memory pairs, then the remaining baselines, then ablations.
-    rtn(4)
-    kivi(2)
+    only = set(ALL_STEPS) if args.only is None else {x.strip() for x in args.only.split(",") if x.strip()}
+    if only - set(ALL_STEPS):
+        raise SystemExit(f"error: unknown --only steps {sorted(only - set(ALL_STEPS))}; choose from {ALL_STEPS}")
+    if args.skip_ablations:
+        only -= {"uniform", "noprog", "no-PI", "no-reparam"}
+    if "rtn4" in only:
+        rtn(4)
+    if "kivi2" in only:
+        kivi(2)
     restore()
     art = run_calibration(model, tok, CalibSettings(**base), Path(args.cache_dir))
-    tables = {}
-    for bname in budgets:
-        tables[bname] = make_table(model, art, widths=(4, 2), separate_kv=False, **kw(bname))
-        run_pm(f"PM-KVQ {{4,2}} @ {bname} budget", f"PM@{bname}", "PM-KVQ", tables[bname])
-    for bname in budgets:
-        t2 = make_table(model, art, widths=(8, 4, 2), separate_kv=True, **kw(bname))
-        run_pm(f"PM-KVQ {{8,4,2}} separate K/V @ {bname} budget", f"PM+@{bname}", "PM-KVQ", t2)
-    rtn(8)
-    rtn(2)
-    kivi(4)
-    if not args.skip_ablations:
-        for bname in abl_budgets:
+    tables = {bname: make_table(model, art, widths=(4, 2), separate_kv=False, **kw(bname)) for bname in budgets}
+    if "pm" in only:
+        for bname in budgets:
+            run_pm(f"PM-KVQ {{4,2}} @ {bname} budget", f"PM@{bname}", "PM-KVQ", tables[bname])
+    if "pm+" in only:
+        for bname in budgets:
+            t2 = make_table(model, art, widths=(8, 4, 2), separate_kv=True, **kw(bname))
+            run_pm(f"PM-KVQ {{8,4,2}} separate K/V @ {bname} budget", f"PM+@{bname}", "PM-KVQ", t2)
+    for b in (8, 2):
+        if f"rtn{b}" in only:
+            rtn(b)
+    if "kivi4" in only:
+        kivi(4)
+    for bname in abl_budgets:
+        if "uniform" in only:
             tu = make_table(model, art, widths=(4, 2), separate_kv=False, method="uniform-budget", **kw(bname))
             run_pm(f"  ablation: uniform budgets @ {bname}", f"uni@{bname}", "ablation", tu)
+        if "noprog" in only:
             run_pm(f"  ablation: no progressive @ {bname}", f"noprog@{bname}", "ablation", tables[bname],
                    progressive=False, notes="body at the final width from the start")
-        for vname, extra in (("no-PI", {"pos_interp": False}), ("no-reparam", {"reparam": False})):
+    for vname, extra in (("no-PI", {"pos_interp": False}), ("no-reparam", {"reparam": False})):
+        if vname in only:
             restore()
             art_v = run_calibration(model, tok, CalibSettings(**base, **extra), Path(args.cache_dir))
             for bname in abl_budgets:
