@@ -38,7 +38,7 @@ from pmkvq_accel.calib import data as D
 from pmkvq_accel.calib import table as T
 from pmkvq_accel.calib.allocate import AllocationError, allocate, rtn_equivalent_bytes, uniform_budgets
 from pmkvq_accel.calib.quantsim import CaptureLayer, fake_quant, make_cache
-from pmkvq_accel.model.cache import CacheConfig
+from pmkvq_accel.model.cache import CacheConfig, budget_for_width
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "out" / "calib"
@@ -395,6 +395,11 @@ def main(argv=None):
     cfg = CacheConfig(n_kv, hd, args.n_sink, args.window, 16, not args.codes_only)
     budget, src = budget_from_args(args, cfg, n_layers)
     out = Path(args.out) if args.out else T.default_table_path(model_id)
+    need = 2 * n_layers * budget_for_width(cfg, min(args.widths), args.max_len)
+    if need > budget:   # fail before the expensive part
+        raise SystemExit(f"error: budget of {budget:.0f} bytes ({budget / args.max_len:.1f} B/token, {src}) is too "
+                         f"small: every layer at {min(args.widths)} bits needs {need:.0f} bytes "
+                         f"({need / args.max_len:.1f} B/token) at max_len {args.max_len}, sink and window included")
     art = run_calibration(model, tok, settings, None if args.no_cache else Path(args.cache_dir))
     factors_rel = None
     if art.factors is not None:
