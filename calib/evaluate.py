@@ -114,12 +114,44 @@ def build_parser():
     p.add_argument("--only", default=None, help=f"comma-separated subset of the steps {ALL_STEPS} (default all)")
     p.add_argument("--ablation-budgets", default="RTN-4", help="budgets the ablations run at: RTN-4 and/or KIVI-2")
     p.add_argument("--out", default=str(REPO / "out" / "eval"))
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="only combine finished results.json files into --out (no model runs)")
     p.add_argument("--cache-dir", default=str(REPO / "out" / "calib" / "cache"))
     return p
 
 
+def merge_reports(paths, out: Path) -> str:
+    """Combine results.json files of runs with the same model/text/length (e.g. a main run and an --only run)."""
+    metas, rows, seen = [], [], set()
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        metas.append(d["meta"])
+        for r in d["rows"]:
+            if r["method"] not in seen:
+                seen.add(r["method"])
+                rows.append(r)
+    for k in ("model", "eval_text", "length", "kivi_group", "window"):
+        if len({json.dumps(m[k]) for m in metas}) != 1:
+            raise SystemExit(f"error: the reports differ in {k}; they cannot be merged")
+    meta = dict(metas[0])
+    meta["command"] = " ; ".join(m["command"] for m in metas)
+    meta["seconds"] = sum(m["seconds"] for m in metas)
+    meta["complete"] = all(m.get("complete") for m in metas)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = results_markdown(rows, meta)
+    (out / "results.md").write_text(md)
+    from pmkvq_accel.calib.plots import kl_vs_bytes_plot
+    kl_vs_bytes_plot([r for r in rows if r["family"] != "float"], out / "kl_vs_bytes.png",
+                     f"{meta['model']}, {meta['length']} tokens of {meta['eval_text']}: KL to float vs KV memory")
+    return md
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.merge:
+        print(merge_reports(args.merge, Path(args.out)))
+        return
     t0 = time.time()
     from pmkvq_accel.model.llm import DEFAULT_MODEL, load_model
     model, tok = load_model(args.model, args.device)
