@@ -276,7 +276,7 @@ def exit_status(tools: VitisTools | None, xclbin: Path | None, ok: bool = True) 
 # resource estimate from Yosys
 def yosys_script(verilog_name: str, top: str = KERNEL, depth: bool = False) -> str:
     lines = [f"read_verilog {verilog_name}", f"synth_xilinx -family xcup -top {top} -noiopad",
-             "tee -o stat.txt stat"]
+             "flatten", "tee -o stat.txt stat"]   # flatten after mapping: same cells, one netlist for ltp
     if depth:
         lines.append("tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u")
     return "\n".join(lines) + "\n"
@@ -298,7 +298,7 @@ def parse_stat(text: str) -> dict[str, int]:
 
 def summarize(cells: dict[str, int]) -> dict[str, float | int]:
     """UltraScale+ resource figures from Xilinx cell counts."""
-    lut_logic = sum(n for c, n in cells.items() if re.fullmatch(r"LUT[1-6](_2)?", c))
+    lut_logic = sum(n for c, n in cells.items() if re.fullmatch(r"LUT[1-6](_2)?|INV", c))   # INV is a LUT1
     lutram = sum(n * _LUTRAM_LUTS[c] for c, n in cells.items() if c in _LUTRAM_LUTS)
     ff = sum(cells.get(c, 0) for c in _FF_CELLS)
     ramb36 = cells.get("RAMB36E2", 0)

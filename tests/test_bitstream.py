@@ -161,9 +161,10 @@ def test_stat_parsing():
         3   RAMB18E2
         1   RAMB36E2
         1   MUXF7
+        2   INV
 """
     res = V.summarize(V.parse_stat(text))
-    assert res["LUT"] == 7 + 3 + 16 + 2 and res["LUT_logic"] == 10 and res["FF"] == 25 and res["DSP"] == 2
+    assert res["LUT"] == 7 + 3 + 2 + 16 + 2 and res["LUT_logic"] == 12 and res["FF"] == 25 and res["DSP"] == 2
     assert res["BRAM36"] == 2.5 and res["URAM"] == 0 and res["CARRY"] == 10
     assert "DSP48E2" in V.resource_table(res)
 
