@@ -199,7 +199,7 @@ class ReadChannel(wiring.Component):
             # to the arbiter
             "req_valid": Out(1), "req_addr": Out(64), "req_len": Out(range(BURST_MAX + 1)), "req_grant": In(1),
             "beat_valid": In(1), "beat_data": In(data_bits),
-            "busy": Out(1),
+            "active": Out(1),    # a command still has words to request
         })
 
     def elaborate(self, platform):
@@ -219,7 +219,7 @@ class ReadChannel(wiring.Component):
             self.req_addr.eq(addr), self.req_len.eq(n),
             fifo.w_data.eq(self.beat_data), fifo.w_en.eq(self.beat_valid),
             self.data.payload.eq(fifo.r_data), self.data.valid.eq(fifo.r_rdy), fifo.r_en.eq(self.data.ready),
-            self.busy.eq(active | (reserved != 0) | fifo.r_rdy),
+            self.active.eq(active),
         ]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [addr.eq(self.cmd.payload.addr), left.eq(self.cmd.payload.words),
@@ -234,10 +234,17 @@ class ReadChannel(wiring.Component):
 
 
 class ReadArbiter(Elaboratable):
-    """Shares one AXI4 read port among ReadChannels: round-robin AR, in-order R routing by a tag FIFO."""
+    """Shares one AXI4 read port among ReadChannels: AR by priority level, round-robin within a level;
+    in-order R routing by a tag FIFO.
 
-    def __init__(self, bus: Bundle, channels: list[ReadChannel], max_outstanding: int = 16):
+    A channel may request only while no channel of a lower `level` still has words to request. The
+    consumer takes the streams in level order (keys, then value metadata, then values), so reading ahead
+    for a later stream never steals port cycles the current one needs; the later stream's FIFO fills
+    while the current one's last requests are in flight, so the port stays busy across the switch."""
+
+    def __init__(self, bus: Bundle, channels: list[ReadChannel], max_outstanding: int = 16, levels=None):
         self.bus, self.channels, self.max_outstanding = bus, channels, max_outstanding
+        self.levels = list(levels) if levels is not None else [0] * len(channels)
 
     def elaborate(self, platform):
         m = Module()
@@ -249,12 +256,18 @@ class ReadArbiter(Elaboratable):
         # round-robin: the first requesting channel after `last`
         pick = Signal(range(n))
         any_req = Signal()
+        allowed = []
+        for i, c in enumerate(chans):
+            earlier = [d.active for d, lv in zip(chans, self.levels) if lv < self.levels[i]]
+            ok = Signal(name=f"allowed_{i}")
+            m.d.comb += ok.eq(c.req_valid & ~(Cat(*earlier).any() if earlier else Const(0)))
+            allowed.append(ok)
         with m.Switch(last):
             for cur in range(n):
                 with m.Case(cur):
                     for j in reversed(range(n)):
                         idx = (cur + 1 + j) % n
-                        with m.If(chans[idx].req_valid):
+                        with m.If(allowed[idx]):
                             m.d.comb += [pick.eq(idx), any_req.eq(1)]
         ar_valid = Signal()
         m.d.comb += ar_valid.eq(any_req & order.w_rdy)

@@ -86,12 +86,18 @@ class Engine(Elaboratable):
         ch = {n: ReadChannel(WORD_BITS, cfg.fifo_depth) for n in names}
         for n, c in ch.items():
             m.submodules[f"rd_{n}"] = c
-        m.submodules.arb = ReadArbiter(self.bus, [ch[n] for n in names], cfg.max_outstanding)
+        # keys (and the query) first, then value metadata, then values: the order the datapath reads them
+        m.submodules.arb = ReadArbiter(self.bus, [ch[n] for n in names], cfg.max_outstanding,
+                                       levels=[0, 0, 0, 1, 2])
         m.submodules.wr = wr = BurstWriter(self.bus, cfg.max_outstanding)
 
         # ---- per-launch and per-head state ----
         head = Signal(16)
         x_mode = Signal()    # SHRINK / COPY data movement (the writer takes its words)
+        w_issued = Signal()  # the current head's partial-record write command was taken
+        queued = Signal(range(16))   # heads whose query was requested and whose job has not started
+        take_job = Signal()
+        seq_idle = Signal()
         hd_log2 = HD.bit_length() - 1
         nz = [a["n_sink"] != 0, a["n_body"] != 0, a["n_window"] != 0]
         counts = [a["n_sink"], a["n_body"], a["n_window"]]
@@ -134,8 +140,10 @@ class Engine(Elaboratable):
 
         # ---- command feeders: each KV channel gets its (up to) three segment extents in order ----
         feed = Signal()      # high while the current head's KV commands are being issued
+        fed = []
         for n, ext in extents.items():
             idx = Signal(2, name=f"ext_{n}")
+            fed.append(idx == 3)
             c = ch[n].cmd
             with m.Switch(idx):
                 for i, (addr, words) in enumerate(ext):
@@ -146,6 +154,7 @@ class Engine(Elaboratable):
                 m.d.sync += idx.eq(idx + 1)
             with m.If(self.start | ~feed):
                 m.d.sync += idx.eq(0)
+        fed_all = Cat(*fed).all()
 
         # ---- query loader -> job descriptor ----
         qwords = cfg.query_words * G
@@ -334,35 +343,58 @@ class Engine(Elaboratable):
                         m.next = "X_ISSUE"
                     with m.Else():
                         m.next = "IDLE"
+            # ATTENTION, feed side: query and KV read commands and the partial-record write command of
+            # one head; the next head's commands go out as soon as this head's have all been requested,
+            # so the port streams across heads while the sequencer below finishes the previous one.
             with m.State("QUERY"):
                 m.d.comb += [qc.cmd.valid.eq(1),
                              qc.cmd.payload.addr.eq(a["query"] + h64 * (qwords * WORD_BYTES)),
                              qc.cmd.payload.words.eq(qwords)]
                 with m.If(qc.cmd.ready):
-                    m.d.sync += [qcount.eq(0), seg.eq(0), rem.eq(counts[0]), in_group.eq(0), phase.eq(0),
-                                 results.eq(0)]
-                    m.next = "LOAD"
-            with m.State("LOAD"):
+                    m.d.sync += w_issued.eq(0)
+                    m.next = "FEED"
+            with m.State("FEED"):
                 m.d.comb += feed.eq(1)
-                with m.If(qcount == qwords):
-                    m.d.comb += dp.job.valid.eq(1)
-                    with m.If(dp.job.ready):
-                        m.d.comb += [wr.cmd.valid.eq(1)]
-                        m.next = "RUN"
-                m.d.comb += wr.cmd.payload.addr.eq(a["partial"] + h64 * (G * pw * WORD_BYTES))
-                m.d.comb += wr.cmd.payload.words.eq(G * pw)
-            with m.State("RUN"):
-                m.d.comb += [feed.eq(1), running.eq(1)]
-                with m.If((phase == 3) & (results == G) & (rec_left == 0) & wr.idle):
+                m.d.comb += [wr.cmd.valid.eq(~w_issued),
+                             wr.cmd.payload.addr.eq(a["partial"] + h64 * (G * pw * WORD_BYTES)),
+                             wr.cmd.payload.words.eq(G * pw)]
+                with m.If(wr.cmd.valid & wr.cmd.ready):
+                    m.d.sync += w_issued.eq(1)
+                with m.If(w_issued & fed_all & ~Cat(*[c.active for c in ch.values()]).any()):
                     with m.If(head + step < n_heads):
                         m.d.sync += head.eq(head + step)
                         m.next = "QUERY"
                     with m.Else():
-                        m.next = "IDLE"
+                        m.next = "FINISH"
+            with m.State("FINISH"):
+                with m.If(seq_idle & (queued == 0) & wr.idle):
+                    m.next = "IDLE"
+
+        # ATTENTION, sequencer side: one job per queued head, in order
+        with m.If(fsm.ongoing("QUERY") & qc.cmd.ready):
+            m.d.sync += queued.eq(queued + 1 - take_job)
+        with m.Elif(take_job):
+            m.d.sync += queued.eq(queued - 1)
+        with m.FSM(name=f"sequencer{self.index}") as seq:
+            with m.State("IDLE"):
+                m.d.comb += seq_idle.eq(1)
+                with m.If(queued != 0):
+                    m.next = "LOAD"
+            with m.State("LOAD"):
+                with m.If(qcount == qwords):
+                    m.d.comb += [dp.job.valid.eq(1), take_job.eq(dp.job.ready)]
+                    with m.If(dp.job.ready):
+                        m.d.sync += [qcount.eq(0), seg.eq(0), rem.eq(counts[0]), in_group.eq(0), phase.eq(0),
+                                     results.eq(0)]
+                        m.next = "RUN"
+            with m.State("RUN"):
+                m.d.comb += running.eq(1)
+                with m.If((phase == 3) & (results == G) & (rec_left == 0)):
+                    m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
-        states = ("IDLE", "QUERY", "LOAD", "RUN", "X_ISSUE", "X_RUN")
         m.d.comb += self.debug.eq(Cat(
-            Cat(*[fsm.ongoing(st) for st in states]),                       # [5:0] engine state (one-hot)
+            Cat(*[fsm.ongoing(st) for st in ("IDLE", "QUERY", "FEED", "FINISH")]),   # [3:0] engine state
+            seq.ongoing("LOAD"), seq.ongoing("RUN"),                                # [5:4] sequencer state
             phase, src, seg,                                                  # [6:8] [9:11] [12:13]
             Cat(*[ch[n].data.valid for n in names]),                         # [14:18] channel has data
             Cat(*[ch[n].cmd.ready for n in names]),                          # [19:23] channel idle
@@ -420,6 +452,8 @@ class Kernel(Elaboratable):
         for e, eng in enumerate(engines):
             m.submodules[f"engine{e}"] = eng
         m.d.comb += self.interrupt.eq(ctrl.interrupt)
+        for g in self.gmem:  # one AXI ID; driven so that the ports export as outputs
+            m.d.comb += [g.awid.eq(0), g.arid.eq(0)]
 
         # argument checks -> status (first failing check wins)
         total = Signal(34)

@@ -240,6 +240,8 @@ class LatencyMemory:
             "bresp", "bid")}
         self.wbytes = len(self.s["rdata"]) // 8
         self.beats = 0
+        self.beat_cycles = []
+        self.ar_log = []
         cocotb.start_soon(self._read())
         cocotb.start_soon(self._write())
 
@@ -259,11 +261,14 @@ class LatencyMemory:
         while True:
             await RisingEdge(self.clk)
             cycle += 1
+            self.cycle = cycle
             if s["rvalid"].value and s["rready"].value:
                 self.beats += 1
+                self.beat_cycles.append(cycle)
                 beat = None
             if s["arvalid"].value and s["arready"].value:
                 queue.append([cycle + self.latency, int(s["araddr"].value), int(s["arlen"].value) + 1])
+                self.ar_log.append((cycle, int(s["araddr"].value), int(s["arlen"].value) + 1))
             if beat is None and queue and queue[0][0] <= cycle:
                 q = queue[0]
                 beat = q[1]
@@ -327,11 +332,22 @@ async def run_bandwidth(dut):
             if bits == 64:
                 await ctrl.write_dword(off + 4, value >> 32)
         mem.beats = 0
+        mem.beat_cycles = []
+        mem.ar_log = []
         start = cocotb.utils.get_sim_time("ns")
         await ctrl.write_dword(R.CTRL, R.AP_START)
+        start_cycle = mem.cycle
+        trace, last = [], None
         while not int(dut.interrupt.value) and not (await ctrl.read_dword(R.CTRL)) & R.AP_DONE:
-            await ClockCycles(dut.ap_clk, 16)
+            if P.get("trace"):
+                d = await ctrl.read_dword(R.DEBUG)
+                if d != last:
+                    trace.append((mem.cycle, hex(d)))
+                    last = d
+            else:
+                await ClockCycles(dut.ap_clk, 16)
         cycles = (cocotb.utils.get_sim_time("ns") - start) / 4
+        done_cycle = mem.cycle
         status = await ctrl.read_dword(R.STATUS)
         assert status == R.STATUS_OK, R.STATUS_NAMES[status]
         want = expected_partials(heads)
@@ -340,7 +356,11 @@ async def run_bandwidth(dut):
         for h in range(len(heads)):
             for g in range(G):
                 assert got[h][g][2] == int(want[h].L[g])
-        rows.append(dict(case, cycles=cycles, words=mem.beats))
+        bc = mem.beat_cycles
+        gaps = [b - a - 1 for a, b in zip(bc, bc[1:]) if b - a > 1]
+        rows.append(dict(case, cycles=cycles, words=mem.beats, r_span=bc[-1] - bc[0] + 1 if bc else 0,
+                         r_gaps=len(gaps), r_gap_cycles=sum(gaps), ar=mem.ar_log[:60],
+                         timeline=[start_cycle, mem.ar_log[0][0], bc[0], bc[-1], done_cycle], trace=trace))
     with open(P["out"], "w") as f:
         import json
         json.dump(rows, f)
