@@ -9,7 +9,7 @@ from pmkvq_accel.model.attention import attention_partial
 from pmkvq_accel.sim.fastsim import FastSim
 from pmkvq_accel.sim.jobgen import random_job
 
-PARAMS = dict(word_bits=128, head_dim=64, groups=2, max_tokens=2048)   # shares test_attention's build
+PARAMS = dict(word_bits=128, head_dim=64, groups=2, max_tokens=2048)   # shares test_datapath's build
 
 
 @pytest.fixture(scope="module")
