@@ -13,67 +13,36 @@ import numpy as np
 from pmkvq_accel.model.cache import CacheConfig, Occupancy, advance, shrink_schedule
 from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS
 
-KERNEL_NAME = "pmkvq_attn"
-WORD_BITS = 512
-WORD_BYTES = WORD_BITS // 8
+from pmkvq_accel.hw import regmap as R
+
+# The register map, op and status codes are the kernel's own (hw/regmap.py): one definition for both sides.
+KERNEL_NAME = R.KERNEL_NAME
+WORD_BITS = R.WORD_BITS
+WORD_BYTES = R.WORD_BYTES
 CODE_BITS = (16, 8, 4, 2)
 MAX_GROUP = 8
 
-# ---------------------------------------------------------------------------------------------------------
-# AXI4-Lite register map (ap_ctrl_hs). 32-bit registers; a 64-bit address is two words (low word first).
+CTRL, GIE, IER, ISR = R.CTRL, R.GIE, R.IER, R.ISR
+AP_START, AP_DONE, AP_IDLE, AP_READY = R.AP_START, R.AP_DONE, R.AP_IDLE, R.AP_READY
 
-CTRL, GIE, IER, ISR = 0x00, 0x04, 0x08, 0x0C
-AP_START, AP_DONE, AP_IDLE, AP_READY = 0x1, 0x2, 0x4, 0x8
+REGS = dict(sorted({**{name: off for name, (off, _) in R.ARGS.items()}, "status": R.STATUS}.items(),
+                   key=lambda item: item[1]))  # name -> offset, in address order
+ADDRESS_REGS = R.ADDRESS_ARGS
+ARG_REGS = tuple(name for name in REGS if name != "status")
 
-REGS = {  # name -> offset; 8-byte spacing from 0x10 (the same map as hw/regmap.py)
-    "op": 0x10,           # OP_*
-    "kind": 0x18,         # SHRINK/COPY: 0 keys, 1 values
-    "n_heads": 0x20,      # KV heads in this launch (regions 0..n_heads-1 at the strides below)
-    "group": 0x28,        # query heads per KV head (ATTENTION); must equal the kernel's G
-    "head_dim": 0x30,     # must equal the kernel's HEAD_DIM
-    "n_sink": 0x38,       # tokens in the sink block (16-bit codes)
-    "n_body": 0x40,       # tokens in the body block (SHRINK: tokens of the block it shrinks)
-    "n_window": 0x48,     # tokens in the window block (COPY: tokens it copies)
-    "k_bits": 0x50,       # width of the key body (SHRINK/COPY of keys: width of the block they act on)
-    "v_bits": 0x58,       # width of the value body
-    "k_codes": 0x60,      # 64-bit: head 0's key codes region
-    "v_codes": 0x68,      # 64-bit
-    "k_meta": 0x70,       # 64-bit: head 0's key metadata region
-    "v_meta": 0x78,       # 64-bit
-    "query": 0x80,        # 64-bit: query records
-    "partial": 0x88,      # 64-bit: partial-result records
-    "k_window_off": 0x90,  # byte offset of the window block inside a key codes region (sink block at 0)
-    "k_body_off": 0x98,
-    "v_window_off": 0xA0,
-    "v_body_off": 0xA8,
-    "k_codes_stride": 0xB0,  # bytes from one head's key codes region to the next
-    "v_codes_stride": 0xB8,
-    "meta_stride": 0xC0,     # bytes from one head's metadata region to the next (keys and values)
-    "status": 0xC8,          # read only: STATUS_* of the last launch, valid once ap_done is seen
-    "meta_window_off": 0xD0,  # byte offset of the window's metadata inside a metadata region (sink's at 0)
-    "meta_body_off": 0xD8,    # byte offset of the body's metadata
-}
-ADDRESS_REGS = ("k_codes", "v_codes", "k_meta", "v_meta", "query", "partial")
-ARG_REGS = tuple(k for k in REGS if k != "status")
-
-OP_ATTENTION, OP_SHRINK, OP_COPY = 1, 2, 3
+OP_ATTENTION, OP_SHRINK, OP_COPY = R.OP_ATTENTION, R.OP_SHRINK, R.OP_COPY
 OP_NAMES = {OP_ATTENTION: "ATTENTION", OP_SHRINK: "SHRINK", OP_COPY: "COPY"}
-KIND_KEYS, KIND_VALUES = 0, 1
+KIND_KEYS, KIND_VALUES = R.KIND_KEYS, R.KIND_VALUES
 
-STATUS_OK = 0
-STATUS_NAMES = {
-    0: "OK",
-    1: "BAD_OP: unknown or unsupported op code",
-    2: "BAD_HEAD_DIM: head_dim differs from the kernel's HEAD_DIM",
-    3: "BAD_GROUP: group differs from the kernel's G",
-    4: "BAD_BITS: a width not in {16, 8, 4, 2}, or SHRINK of 2-bit codes",
-    5: "BAD_TOKENS: no heads, no tokens, or more tokens than the kernel's max_tokens",
-    6: "BAD_ADDRESS: an address, offset or stride is not 64-byte aligned (golden: or outside device memory)",
-    7: "BAD_KIND: kind must be 0 (keys) or 1 (values)",
-    8: "BAD_DATA (golden model only): a bf16 Inf/NaN pattern in metadata or a value scale <= 0",
-}
+STATUS_OK = R.STATUS_OK
 (STATUS_BAD_OP, STATUS_BAD_HEAD_DIM, STATUS_BAD_GROUP, STATUS_BAD_BITS, STATUS_BAD_TOKENS,
- STATUS_BAD_ADDRESS, STATUS_BAD_KIND, STATUS_BAD_DATA) = range(1, 9)
+ STATUS_BAD_ADDRESS, STATUS_BAD_KIND) = (R.STATUS_BAD_OP, R.STATUS_BAD_HEAD_DIM, R.STATUS_BAD_GROUP,
+                                         R.STATUS_BAD_BITS, R.STATUS_BAD_TOKENS, R.STATUS_BAD_ADDRESS,
+                                         R.STATUS_BAD_KIND)
+STATUS_BAD_DATA = 8  # the golden backend's extra check (the RTL does not inspect data)
+STATUS_NAMES = {**R.STATUS_NAMES,
+                STATUS_BAD_ADDRESS: R.STATUS_NAMES[R.STATUS_BAD_ADDRESS] + " (golden: or outside device memory)",
+                STATUS_BAD_DATA: "BAD_DATA (golden model only): a bf16 Inf/NaN pattern in metadata or a value scale <= 0"}
 
 
 def ceil_words(nbytes: int) -> int:

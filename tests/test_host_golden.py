@@ -27,7 +27,7 @@ def test_unpack_rows_matches_unpack_codes(bits):
 def test_register_map_contract():
     offs = [L.REGS[n] for n in L.REGS]
     assert offs == sorted(offs) and offs[0] == 0x10
-    assert all(b - a == 8 for a, b in zip(offs, offs[1:]))
+    assert all(b - a == 8 for a, b in zip(offs, offs[1:]))  # 8-byte spacing, no gaps, status in the map
     assert L.query_dtype(64).itemsize == 192 and L.partial_dtype(64).itemsize == 576
     assert L.query_dtype(64).itemsize % L.WORD_BYTES == 0 and L.partial_dtype(128).itemsize % L.WORD_BYTES == 0
 
