@@ -15,6 +15,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from pmkvq_accel.calib.table import attention_modules
+
 from .kvcache import DeviceKVCache
 
 ATTN_NAME = "pmkvq"
@@ -87,14 +89,6 @@ class DeviceCache(Cache):
     def __init__(self, kv: DeviceKVCache):
         super().__init__(layers=[DeviceCacheLayer(kv, i) for i in range(kv.n_layers)])
         self.kv = kv
-
-
-def attention_modules(model) -> list:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__} has no .model.layers: not a Llama/Qwen2-family model")
-    return [layer.self_attn for layer in layers]
 
 
 class accelerated:
