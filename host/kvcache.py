@@ -48,13 +48,16 @@ class DeviceKVCache:
         self.device, self.kernel, self.max_len, self.group = device, Kernel(device), int(max_len), int(group)
         self.layers: list[_Layer] = []
         heads, hd = configs[0].n_kv_heads, configs[0].head_dim
+        geometries = []
         for i, (cfg, kb, vb) in enumerate(zip(configs, key_budgets, value_budgets)):
             if (cfg.n_kv_heads, cfg.head_dim) != (heads, hd):
                 raise ValueError("every layer must have the same KV heads and head_dim")
             try:
-                geo = L.cache_geometry(cfg, kb, vb, self.max_len)
+                geometries.append(L.cache_geometry(cfg, kb, vb, self.max_len))
             except (ValueError, MemoryError) as e:  # BudgetError is a MemoryError
                 raise type(e)(f"layer {i}: {e}") from None
+        device.prepare(head_dim=hd, group=self.group)  # every input checked: now build/open the kernel
+        for i, (cfg, kb, vb, geo) in enumerate(zip(configs, key_budgets, value_budgets, geometries)):
             h = cfg.n_kv_heads
             sizes = {"k_codes": h * geo.keys.codes_stride, "v_codes": h * geo.values.codes_stride,
                      "k_meta": h * geo.meta_stride, "v_meta": h * geo.meta_stride}

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep:
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -154,14 +155,18 @@ def report(args, tok, table, kv, res, device) -> dict:
           f"{table.max_len}: {runs(final)}")
     print(f"prefill {len(res.prompt_ids)} tokens in {res.prefill_s:.2f} s; decode {res.decode_steps} steps in "
           f"{res.decode_s:.2f} s = {res.tokens_per_s:.2f} tokens/s ({device.name} backend)")
-    metrics = {"board": device.name, "prompt_tokens": len(res.prompt_ids), "new_tokens": len(res.new_ids),
+    digest = hashlib.sha256(np.ascontiguousarray(res.logprobs).tobytes()).hexdigest()[:16]
+    print(f"output digest {digest} (SHA-256 of every step's log-probabilities: equal digests on two boards = "
+          f"bit-identical attention results)")
+    metrics = {"board": device.name, "logprobs_sha256_16": digest, "prompt_tokens": len(res.prompt_ids), "new_tokens": len(res.new_ids),
                "tokens_per_s": res.tokens_per_s, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
                "kv_bytes_with_metadata": m_meta, "kv_bytes_codes_only": m_codes, "fp16_bytes": fp16,
                "widths": widths, "text": text}
     if res.cycles_per_step:
         cyc = float(np.mean(res.cycles_per_step))
         mhz = device.kernel_clock_mhz
-        print(f"kernel: {cyc:.0f} cycles per token -> {cyc / mhz:.1f} us per token at {mhz:.0f} MHz on the U280")
+        print(f"kernel: {cyc:.0f} cycles per token (all {kv.n_layers} layers, ap_start to ap_done) -> "
+              f"{cyc / mhz:.1f} us per token at {mhz:.0f} MHz on the U280 (kernel time only: no PCIe, no host)")
         metrics["cycles_per_token"] = cyc
     return metrics
 

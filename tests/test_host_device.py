@@ -1,4 +1,4 @@
-"""Backends: unknown boards, the not-yet-available sim backend, and the u280 path without PYNQ, XRT, a board or
+"""Backends: unknown boards, opening the sim backend, and the u280 path without PYNQ, XRT, a board or
 an .xclbin all fail with clear messages. Real-hardware tests carry the `board` marker (run: pytest -m board,
 with PMKVQ_XCLBIN pointing at the bitstream) and skip themselves where no U280 is present."""
 import os
@@ -11,6 +11,8 @@ from pmkvq_accel.host.device import DeviceUnavailable, GoldenDevice, U280Device,
 from pmkvq_accel.host.kvcache import DeviceKVCache
 from pmkvq_accel.model.cache import CacheConfig, budget_for_width
 
+from device_compare import assert_same_cache_results
+
 
 def test_unknown_board():
     with pytest.raises(ValueError, match="unknown board 'vcu118': choose one of golden, sim, u280"):
@@ -21,9 +23,10 @@ def test_golden_is_default():
     assert isinstance(open_device(), GoldenDevice)
 
 
-def test_sim_not_yet_available():
-    with pytest.raises(DeviceUnavailable, match="not yet available"):
-        open_device("sim")
+def test_sim_opens_without_building():
+    """The simulator is built only once the model's head_dim and G are known (tests/test_host_sim.py)."""
+    dev = open_device("sim")
+    assert dev.name == "sim" and dev.sim is None and dev.cycles() is None
 
 
 def test_u280_without_pynq(monkeypatch):
@@ -67,18 +70,7 @@ def u280():
 @pytest.mark.board
 def test_u280_matches_golden(u280):
     """The same host steps on the board and on the golden device give identical partial results."""
-    rng = np.random.default_rng(0)
-    cfg = CacheConfig(3, 64, 1, 128)
-    b = budget_for_width(cfg, 4, 1024)
-    caches = [DeviceKVCache(d, [cfg], [b], [b], 1024, group=3) for d in (u280, GoldenDevice())]
-    for T in (300, 1, 1, 500, 1):
-        k, v = rng.normal(size=(3, T, 64)), rng.normal(size=(3, T, 64))
-        q = rng.normal(size=(9, 64))
-        outs = []
-        for kv in caches:
-            kv.append(0, k, v)
-            outs.append(kv.attention(0, q, 0.125))
-        assert np.array_equal(outs[0], outs[1])
+    assert_same_cache_results(u280, GoldenDevice())
 
 
 class FakePynqBuffer(np.ndarray):

@@ -28,7 +28,6 @@ def run(*args, timeout=240):
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--board", "sim"], "not yet available"),
     (["--board", "u280", "--xclbin", "missing/k.xclbin"], "missing/k.xclbin does not exist"),
     (["--board", "vcu118"], "invalid choice: 'vcu118'"),
     (["--max-new-tokens", "0"], "at least 1"),
