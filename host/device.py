@@ -211,8 +211,8 @@ class GoldenDevice(Device):
 # sim
 
 class SimBuffer(DeviceBuffer):
-    def __init__(self, sim, address: int, nbytes: int):
-        self.sim, self.address, self.nbytes = sim, address, nbytes
+    def __init__(self, device: "SimDevice", address: int, nbytes: int):
+        self.device, self.address, self.nbytes = device, address, nbytes
 
     def _check(self, what: str, offset: int, n: int) -> None:
         if offset < 0 or offset + n > self.nbytes:
@@ -221,11 +221,11 @@ class SimBuffer(DeviceBuffer):
     def write(self, offset: int, data) -> None:
         b = _as_bytes(data)
         self._check("write", offset, b.size)
-        self.sim.write(self.address + offset, b.tobytes())
+        self.device._sim("write", self.address + offset, b.tobytes())
 
     def read(self, offset: int, nbytes: int) -> np.ndarray:
         self._check("read", offset, nbytes)
-        return np.frombuffer(self.sim.read(self.address + offset, nbytes), np.uint8).copy()
+        return np.frombuffer(self.device._sim("read", self.address + offset, nbytes), np.uint8).copy()
 
 
 class SimDevice(Device):
@@ -234,7 +234,7 @@ class SimDevice(Device):
     build takes a few minutes and is cached in sim_build/)."""
     name = "sim"
     kernel_clock_mhz = 300.0
-    launch_timeout_s = 600.0
+    launch_timeout_s = 120.0
     POLL_CYCLES = 1 << 20          # cycles simulated per host poll of ap_done
 
     def __init__(self, word_bits: int | None = None, max_tokens: int | None = None, latency: int = 100,
@@ -273,35 +273,39 @@ class SimDevice(Device):
         except (SimError, OSError) as e:
             raise DeviceUnavailable(f"--board sim: could not build or start the kernel simulator: {e}") from None
 
-    def _need(self):
+    def _sim(self, method: str, *args):
+        """Call the simulator; its failures (the process died, a bad request) become DeviceError."""
+        from pmkvq_accel.sim.kernel_sim import SimError
         if self.sim is None:
             raise DeviceError("sim: prepare(head_dim, group) must come before any allocation or launch")
-        return self.sim
+        try:
+            return getattr(self.sim, method)(*args)
+        except SimError as e:
+            raise DeviceError(f"sim: {e}") from None
 
     def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
-        sim, base, n = self._need(), self._next, max(int(nbytes), 1)
-        sim.add_region(base, n)
+        base, n = self._next, max(int(nbytes), 1)
+        self._sim("add_region", base, n)
         self._next = base + -(-n // 4096) * 4096
-        return SimBuffer(sim, base, int(nbytes))
+        return SimBuffer(self, base, int(nbytes))
 
     def write_reg(self, offset: int, value: int) -> None:
-        self._need().write_reg(offset, value)
+        self._sim("write_reg", offset, value)
 
     def read_reg(self, offset: int) -> int:
-        sim = self._need()
         if offset != L.CTRL:
-            return sim.read_reg(offset)
-        value = sim.wait_done(self.POLL_CYCLES)  # the poll loop runs inside the simulator
+            return self._sim("read_reg", offset)
+        value = self._sim("wait_done", self.POLL_CYCLES)  # the poll loop runs inside the simulator
         if value & L.AP_DONE:
-            faults = sim.counters()["faults"]
-            if faults != self._faults:
-                self._faults = faults
+            counters = self._sim("counters")
+            if counters["faults"] != self._faults:
+                self._faults = counters["faults"]
                 raise DeviceError(f"sim: the kernel accessed memory outside every buffer "
-                                  f"(first at {sim.counters()['first_fault']:#x})")
+                                  f"(first at {counters['first_fault']:#x})")
         return value
 
     def cycles(self) -> int | None:
-        return self._need().counters()["kernel_cycles"] if self.sim is not None else None
+        return self._sim("counters")["kernel_cycles"] if self.sim is not None else None
 
     def close(self) -> None:
         if self.sim is not None:

@@ -87,3 +87,10 @@ def test_unsupported_model_shape_and_misuse():
         dev.prepare(head_dim=48, group=3)
     with pytest.raises(DeviceError, match="prepare"):
         dev.allocate(64)
+
+
+def test_simulator_dying_is_a_device_error(sim_cache):
+    sim_cache.device.sim.proc.kill()
+    sim_cache.device.sim.proc.wait()
+    with pytest.raises(DeviceError, match="sim: the kernel simulator exited"):
+        sim_cache.attention(0, np.ones((9, 64)), 0.125)
