@@ -40,6 +40,13 @@ REPO = Path(__file__).resolve().parent.parent
 ALL_STEPS = ("rtn4", "kivi2", "pm", "pm+", "rtn8", "rtn2", "kivi4", "uniform", "noprog", "no-PI", "no-reparam")
 
 
+def _step(short: str) -> str:
+    """The --only step that produced a results row ('PM+@KIVI-2' -> 'pm+', 'RTN-4' -> 'rtn4', ...)."""
+    name = short.split("@")[0]
+    return {"PM": "pm", "PM+": "pm+", "uni": "uniform"}.get(name, name.replace("-", "").lower()
+                                                              if name[:3] in ("RTN", "KIV") else name)
+
+
 class Reference:
     """Float model log-probs over the evaluation text."""
 
@@ -136,7 +143,8 @@ def merge_reports(paths, out: Path) -> str:
     meta = dict(metas[0])
     meta["command"] = " ; ".join(m["command"] for m in metas)
     meta["seconds"] = sum(m["seconds"] for m in metas)
-    meta["complete"] = all(m.get("complete") for m in metas)
+    # Each row is written once its method has finished, so the merge is complete when its rows cover every step.
+    meta["complete"] = all(m.get("complete") for m in metas) or set(ALL_STEPS) <= {_step(r["short"]) for r in rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = results_markdown(rows, meta)
