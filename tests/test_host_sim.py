@@ -94,3 +94,25 @@ def test_simulator_dying_is_a_device_error(sim_cache):
     sim_cache.device.sim.proc.wait()
     with pytest.raises(DeviceError, match="sim: the kernel simulator exited"):
         sim_cache.attention(0, np.ones((9, 64)), 0.125)
+
+
+def test_run_py_on_sim_prints_cycles_and_matches_golden_digest(tmp_path, capsys, monkeypatch, model):
+    """`python host/run.py --board sim` end to end (in process, on the small build): the kernel cycles and the U280
+    projection are printed, and the output digest equals the golden run's."""
+    import functools
+    import json
+
+    from pmkvq_accel.host import device as D
+    from pmkvq_accel.host.run import cli
+    monkeypatch.setattr(D, "SimDevice", functools.partial(SimDevice, **SMALL))
+    metrics = {}
+    for board in ("golden", "sim"):
+        out = tmp_path / f"{board}.json"
+        assert cli(["--board", board, "--max-new-tokens", "3", "--no-progress", "--no-compare",
+                    "--json", str(out)]) == 0
+        metrics[board] = json.loads(out.read_text())
+    stdout = capsys.readouterr().out
+    assert "cycles per token" in stdout and "MHz on the U280" in stdout
+    assert metrics["sim"]["cycles_per_token"] > 0 and "cycles_per_token" not in metrics["golden"]
+    assert metrics["sim"]["logprobs_sha256_16"] == metrics["golden"]["logprobs_sha256_16"]
+    assert metrics["sim"]["text"] == metrics["golden"]["text"]
