@@ -19,7 +19,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import bf16_fields, comb, reg
+from .arith import bf16_fields, comb, max_tree, reg
 from .config import DatapathConfig
 from .score import ScoreUnit
 from .softmax import LATENCY as W_LATENCY, P_BITS, W_OUT, Z_OUT, WeightUnit
@@ -77,9 +77,14 @@ class DecodeAttention(wiring.Component):
         counts = Signal(NS * COUNT_BITS)
         klbs = Signal(NS * 2)
         vlbs = Signal(NS * 2)
-        count_arr = Array(counts[i * COUNT_BITS:(i + 1) * COUNT_BITS] for i in range(NS))
-        klb_arr = Array(klbs[i * 2:(i + 1) * 2] for i in range(NS))
-        vlb_arr = Array(vlbs[i * 2:(i + 1) * 2] for i in range(NS))
+        # the current segment's fields without an index multiplexer: cursor copies of count/klb/vlb that
+        # shift down by one segment when s advances and reload from the descriptor when s returns to 0,
+        # and the current width `lb` as a register (loaded whenever s or the pass changes)
+        cur_cnt = Signal(NS * COUNT_BITS)
+        cur_klb = Signal(NS * 2)
+        cur_vlb = Signal(NS * 2)
+        cnt_next = Cat(cur_cnt, Const(0, COUNT_BITS))[COUNT_BITS:2 * COUNT_BITS]    # segment s + 1
+        count0 = counts[0:COUNT_BITS]
 
         # ---- sub-blocks ----------------------------------------------------------------------
         utag_layout = data.StructLayout({
@@ -121,21 +126,27 @@ class DecodeAttention(wiring.Component):
         first_v = Signal()
 
         phase_v = Signal()     # value side (VCODE) vs key side (KCODE) for the shared counters
-        lb = comb(m, Mux(phase_v, vlb_arr[s], klb_arr[s]), unsigned(2), "lb")
+        lb = Signal(2)         # width of segment s on the current pass (klb in SQ/KMETA/KCODE, vlb in VCODE)
         tpw = comb(m, Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[lb], unsigned(gl_bits), "tpw")
         wpt_m1 = comb(m, Array(Const(cfg.wpt(b) - 1, wi_bits) for b in (2, 4, 8, 16))[lb], unsigned(wi_bits), "wptm1")
         multi = comb(m, tpw == 0, unsigned(1), "multi")
-        cnt_s = comb(m, count_arr[s], unsigned(COUNT_BITS), "cnt_s")
         gtok_of = lambda r: Mux(r > MPW, MPW, r)   # noqa: E731
 
         # per-word token bookkeeping (shared by KCODE and VCODE)
-        left = comb(m, gtok - gl, unsigned(gl_bits), "left")
+        left = Signal(gl_bits)   # gtok - gl, kept as a register: set with gtok, decremented with gl's steps
         ntok = comb(m, Mux(multi, 1, Mux(tpw < left, tpw, left)), unsigned(ntok_bits), "ntok")
         w_first = comb(m, Mux(multi, wi == 0, 1), unsigned(1), "w_first")
         w_last = comb(m, Mux(multi, wi == wpt_m1, 1), unsigned(1), "w_last")
-        gl_next = comb(m, Mux(multi, gl + w_last, gl + tpw), unsigned(gl_bits + 1), "gl_next")
-        grp_done = comb(m, w_last & (gl_next >= gtok), unsigned(1), "grp_done")
-        seg_done = comb(m, grp_done & (rem == gtok), unsigned(1), "seg_done")
+        gl_step = comb(m, Mux(multi, w_last, tpw), unsigned(gl_bits), "gl_step")
+        gl_next = comb(m, gl + gl_step, unsigned(gl_bits + 1), "gl_next")
+        # gl_next >= gtok without forming gl_next (gl < gtok inside a group, so left >= 1)
+        grp_done = comb(m, Mux(multi, w_last & (left == 1), ~(tpw < left)), unsigned(1), "grp_done")
+        last_grp = Signal()      # rem == gtok (= rem <= MPW), kept as a register: set with gtok
+        seg_done = comb(m, grp_done & last_grp, unsigned(1), "seg_done")
+
+        def set_group(r):
+            """A group of min(r, MPW) tokens starts with r tokens left in the segment."""
+            m.d.sync += [gtok.eq(gtok_of(r)), left.eq(gtok_of(r)), last_grp.eq(r <= MPW)]
         last_seg = comb(m, s + 1 >= nseg, unsigned(1), "last_seg")
 
         kslots = Array(kmeta_reg[i * 32:(i + 1) * 32] for i in range(MPW))
@@ -243,22 +254,26 @@ class DecodeAttention(wiring.Component):
             zsum = comb(m, sum(zs), signed(Z_OUT + 3), "zsum")
             m.d.sync += [L[g].eq(L[g] + psum), Zs[g].eq(Zs[g] + zsum)]
 
-        # running max over the scores written
+        # running max over the scores written: the word's maximum (a tree, registered), then M = max(M, it)
+        m_pend = Signal()        # a word maximum not yet folded into M (the value pass waits for it)
+        m.d.sync += m_pend.eq(score.o.valid)
+        # the value pass may start: no key beat in the unpack output, the score unit or the M update, as a
+        # register (true one cycle after all were empty; no key beat enters after the key pass)
+        v_go_r = Signal()
+        m.d.sync += v_go_r.eq(~(score.busy | (unpack.o.valid & ~uo_tag.v) | m_pend))
         for g in range(G):
-            cands = [M[g]]
+            cands = []
             for j in range(NJ):
                 v = sc[(j * G + g) * 32:(j * G + g + 1) * 32].as_signed()
                 ok = score.o.valid & (so_ntok > j)
                 cands.append(Mux(ok, v, -(1 << 31)))
-            mx = cands[0]
-            for c in cands[1:]:
-                mx = comb(m, Mux(c > mx, c, mx), signed(32), "mx")
-            m.d.sync += M[g].eq(mx)
+            wmax = reg(m, 1, max_tree(m, cands), signed(32), name="wmax", init=-(1 << 31))
+            m.d.sync += M[g].eq(Mux(wmax > M[g], wmax, M[g]))
 
         # E from the value metadata words
         e_lanes_v = Signal()
         e_lanes = []
-        e_vlb = comb(m, vlb_arr[s], unsigned(2), "e_vlb")
+        e_vlb = comb(m, cur_vlb[0:2], unsigned(2), "e_vlb")
         e_bits = comb(m, Mux(e_vlb == 0, 2, Mux(e_vlb == 1, 4, Mux(e_vlb == 2, 8, 16))), unsigned(5), "e_bits")
         meta_gtok = comb(m, gtok_of(rem), unsigned(gl_bits), "meta_gtok")
         vmeta_accept = Signal()
@@ -268,15 +283,20 @@ class DecodeAttention(wiring.Component):
             mz, xz = bf16_fields(m, word[t * 32 + 16:t * 32 + 32])
             xsb = comb(m, xs + e_bits, signed(12), "xsb")
             et = comb(m, Mux(xsb > xz, xsb, xz), signed(12), "et")
-            e_lanes.append(reg(m, 1, Mux(vmeta_accept & (t < meta_gtok), et, -2048), signed(12), name="el"))
-        emax = e_lanes[0]
-        for c in e_lanes[1:] + [E]:
-            emax = comb(m, Mux(c > emax, c, emax), signed(12), "emax")
+            e_lanes.append(reg(m, 1, Mux(vmeta_accept & (t < meta_gtok), et, -2048), signed(12), name="el",
+                               init=-2048))
+        # E = max(E, the word's lanes): a tree of pairwise maxima, two levels per register stage, so E is
+        # final at most three cycles after the last metadata word (the weight unit reads it from its stage
+        # softmax.E_STAGE = 4 on, at least five cycles after). The tree's registers start empty (-2048).
+        em = e_lanes
+        while len(em) > 1:
+            em = [reg(m, 1, max_tree(m, em[i:i + 4]), signed(12), name="em", init=-2048)   # -2048: empty
+                  for i in range(0, len(em), 4)]
         e_clear = Signal()
         with m.If(e_clear):
             m.d.sync += E.eq(-2048)
         with m.Else():
-            m.d.sync += E.eq(emax)
+            m.d.sync += E.eq(Mux(em[0] > E, em[0], E))
 
         # ---- output -----------------------------------------------------------------------------
         acc_flat = mac.o.payload.acc
@@ -290,18 +310,32 @@ class DecodeAttention(wiring.Component):
         ]
 
         # ---- controller -------------------------------------------------------------------------
-        def end_of_group(group_state, after_last):
+        def seg_first():
+            """s returns to 0: the cursors reload from the descriptor."""
+            m.d.sync += [s.eq(0), rem.eq(count0), cur_cnt.eq(counts), cur_klb.eq(klbs), cur_vlb.eq(vlbs)]
+
+        def seg_advance(value_pass):
+            """s advances by one: the cursors shift down by one segment; lb = the next segment's width."""
+            nxt_lb = (cur_vlb if value_pass else cur_klb)[2:4] if NS > 1 else Const(0, 2)
+            m.d.sync += [s.eq(s + 1), rem.eq(cnt_next), lb.eq(nxt_lb), cur_cnt.eq(cur_cnt >> COUNT_BITS),
+                         cur_klb.eq(cur_klb >> 2), cur_vlb.eq(cur_vlb >> 2)]
+
+        def end_of_group(group_state, after_last, value_pass):
             """Book-keeping at the end of a group: next group, next segment or the next phase."""
             m.d.sync += [entry.eq(entry + 1), gl.eq(0), wi.eq(0)]
             with m.If(seg_done):
                 with m.If(last_seg):
-                    m.d.sync += [s.eq(0), rem.eq(count_arr[0]), entry.eq(0), gtok.eq(gtok_of(count_arr[0]))]
+                    seg_first()
+                    m.d.sync += entry.eq(0)
+                    set_group(count0)
                     m.next = after_last
                 with m.Else():
-                    m.d.sync += [s.eq(s + 1), rem.eq(count_arr[s + 1]), gtok.eq(gtok_of(count_arr[s + 1]))]
+                    seg_advance(value_pass)
+                    set_group(cnt_next)
                     m.next = group_state
             with m.Else():
-                m.d.sync += [rem.eq(rem - gtok), gtok.eq(gtok_of(rem - gtok))]
+                m.d.sync += rem.eq(rem - gtok)
+                set_group(rem - gtok)
                 m.next = group_state
 
         m.d.comb += [direct_tag.gl.eq(gl), direct_tag.entry.eq(entry), direct_tag.lb.eq(lb),
@@ -316,7 +350,8 @@ class DecodeAttention(wiring.Component):
                     m.d.sync += [q.eq(jp.q), eq.eq(jp.qexp), nseg.eq(jp.nseg), counts.eq(jp.count),
                                  klbs.eq(jp.klb), vlbs.eq(jp.vlb), s.eq(0),
                                  rem.eq(jp.count[0:COUNT_BITS]), entry.eq(0), gl.eq(0), wi.eq(0),
-                                 first_v.eq(1), head.eq(0)]
+                                 first_v.eq(1), head.eq(0), cur_cnt.eq(jp.count), cur_klb.eq(jp.klb),
+                                 cur_vlb.eq(jp.vlb), lb.eq(jp.klb[0:2])]
                     m.d.sync += [M[g].eq(-(1 << 31)) for g in range(G)]
                     m.d.sync += [L[g].eq(0) for g in range(G)] + [Zs[g].eq(0) for g in range(G)]
                     m.d.comb += e_clear.eq(1)
@@ -327,15 +362,16 @@ class DecodeAttention(wiring.Component):
             with m.State("KMETA"):
                 m.d.comb += self.data.ready.eq(1)
                 with m.If(self.data.valid):
-                    m.d.sync += [kmeta_reg.eq(self.data.payload), gtok.eq(gtok_of(rem)), gl.eq(0), wi.eq(0)]
+                    m.d.sync += [kmeta_reg.eq(self.data.payload), gl.eq(0), wi.eq(0)]
+                    set_group(rem)
                     m.next = "KCODE"
             with m.State("KCODE"):
                 m.d.comb += [self.data.ready.eq(1), direct_valid.eq(self.data.valid)]
                 with m.If(self.data.valid):
                     with m.If(grp_done):
-                        end_of_group("KMETA", "VMETA")
+                        end_of_group("KMETA", "VMETA", False)
                     with m.Else():
-                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1))]
+                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step)]
             with m.State("VMETA"):
                 m.d.comb += [self.data.ready.eq(1), vmeta_accept.eq(self.data.valid),
                              vw.addr.eq(entry), vw.data.eq(self.data.payload), vw.en.eq(self.data.valid)]
@@ -343,18 +379,20 @@ class DecodeAttention(wiring.Component):
                     m.d.sync += entry.eq(entry + 1)
                     with m.If(rem <= MPW):
                         with m.If(last_seg):
-                            m.d.sync += [s.eq(0), rem.eq(count_arr[0]), entry.eq(0),
-                                         gtok.eq(gtok_of(count_arr[0])), gl.eq(0), wi.eq(0)]
+                            seg_first()
+                            m.d.sync += [entry.eq(0), gl.eq(0), wi.eq(0), lb.eq(vlbs[0:2])]
+                            set_group(count0)
                             m.next = "VCODE"
                         with m.Else():
-                            m.d.sync += [s.eq(s + 1), rem.eq(count_arr[s + 1])]
+                            seg_advance(True)
                     with m.Else():
                         m.d.sync += rem.eq(rem - MPW)
             with m.State("VCODE"):
                 # The first value word waits only while key scores are still in flight (short runs):
-                # once the score unit is empty, M and the score buffer are final. E is needed five
-                # stages into the weight pipeline, by when the last metadata word has been folded in.
-                v_go = comb(m, ~score.busy, unsigned(1), "v_go")
+                # once the score unit is empty and the last word maximum is folded in, M and the score
+                # buffer are final. E is needed four stages into the weight pipeline (softmax.E_STAGE),
+                # by when the last metadata word has been folded in (three register stages after it).
+                v_go = v_go_r
                 m.d.comb += [phase_v.eq(1), self.data.ready.eq(v_go)]
                 job_last = comb(m, seg_done & last_seg, unsigned(1), "job_last")
                 m.d.comb += [
@@ -366,9 +404,9 @@ class DecodeAttention(wiring.Component):
                 with m.If(self.data.valid & v_go):
                     m.d.sync += first_v.eq(0)
                     with m.If(grp_done):
-                        end_of_group("VCODE", "DRAIN")
+                        end_of_group("VCODE", "DRAIN", True)
                     with m.Else():
-                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1))]
+                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step)]
             with m.State("DRAIN"):
                 # results go out as soon as the accumulators are final (L and Zsum settle earlier)
                 m.d.comb += self.result.valid.eq(mac.o.valid)

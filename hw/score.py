@@ -18,7 +18,7 @@ from amaranth.lib.wiring import In, Out
 
 from pmkvq_accel.model.formats import SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS
 
-from .arith import bf16_fields, comb, reg, saturate, shift_round_sat, tree_sum
+from .arith import any_tree, bf16_fields, comb, reg, saturate, shift_round_sat_by, shift_sat_ctl, tree_sum
 from .config import DatapathConfig
 
 
@@ -79,6 +79,29 @@ class ScoreUnit(wiring.Component):
         for gi in range(G):
             for j in range(nj):
                 sums[gi, j], lat = tree_sum(m, adv, [prods[gi, j, d] for d in range(hd)], 2, "dt")
+        # the scale/zero exponents as -(x + 16) and -(x + 16) - 1 (numerics.md section 1: x = e - 134, or
+        # -133 for e = 0), decoded at the tree input and carried along with it
+        nxs = []
+        for j in range(nj):
+            for h in (0, 16):
+                e = ctl1[j * 32 + h + 7:j * 32 + h + 15]
+                for off in (0, 1):
+                    nxs.append(Mux(e != 0, 134 - SCORE_FRAC - off - e, 133 - SCORE_FRAC - off).as_signed())
+        nx = comb(m, Cat(*[comb(m, v, signed(10), "nx") for v in nxs]), unsigned(10 * len(nxs)), "nxs")
+        # shift controls: nx registered (+ padding), k - 1 and -k registered, then shift_sat_ctl's two
+        # stages: ready with the products of stage B, i.e. lat + 2 registers after ctl1
+        assert lat >= 2, "the shift controls need two tree stages"
+        for _ in range(lat - 1):
+            nx = reg(m, adv, nx, name="nxt")
+        k1s, k2s = {}, {}
+        for j in range(nj):
+            nx_s, nxm1_s, nx_z, nxm1_z = [nx[(j * 4 + i) * 10:(j * 4 + i + 1) * 10].as_signed() for i in range(4)]
+            for gi in range(G):
+                eq = self.qexp[gi * 16:(gi + 1) * 16].as_signed()
+                k1s[gi, j] = shift_sat_ctl(m, adv, reg(m, adv, nxm1_s - eq, signed(19), name="k1m"),
+                                           reg(m, adv, eq - nx_s, signed(19), name="k1n"), 48, TERM_LIMIT_BITS, 49, "k1")
+                k2s[gi, j] = shift_sat_ctl(m, adv, reg(m, adv, nxm1_z - eq, signed(19), name="k2m"),
+                                           reg(m, adv, eq - nx_z, signed(19), name="k2n"), 48, TERM_LIMIT_BITS, 34, "k2")
         vv, cc = v1, ctl1
         for _ in range(lat):
             vv = reg(m, adv, vv, name="vt")
@@ -115,31 +138,29 @@ class ScoreUnit(wiring.Component):
         ntok_a = ctla[nj * 32:nj * 32 + ntok_w]
         tag_a = ctla[nj * 32 + ntok_w:]
 
-        # stage B: ms * D, mz * S_Q and the shift amounts
+        # stage B: ms * D, mz * S_Q
         vb = reg(m, adv, va, name="vb")
         valids.append(vb)
         ctlb = reg(m, adv, Cat(ntok_a, tag_a), name="ctlb")
-        t1p, t2p, k1s, k2s = {}, {}, {}, {}
+        t1p, t2p = {}, {}
         for j in range(nj):
-            ms, xs = bf16_fields(m, kmeta_a[j * 32:j * 32 + 16])
-            mz, xz = bf16_fields(m, kmeta_a[j * 32 + 16:j * 32 + 32])
+            ms, _ = bf16_fields(m, kmeta_a[j * 32:j * 32 + 16])
+            mz, _ = bf16_fields(m, kmeta_a[j * 32 + 16:j * 32 + 32])
             for gi in range(G):
-                eq = self.qexp[gi * 16:(gi + 1) * 16].as_signed()
                 t1p[gi, j] = reg(m, adv, ms * dvals[gi, j], signed(49), name="t1p")
                 t2p[gi, j] = reg(m, adv, mz * sq_reg[gi], signed(34), name="t2p")
-                k1s[gi, j] = reg(m, adv, -(xs + eq + SCORE_FRAC), signed(19), name="k1")
-                k2s[gi, j] = reg(m, adv, -(xz + eq + SCORE_FRAC), signed(19), name="k2")
 
-        # stage C: shift, round, saturate both terms
-        vc = reg(m, adv, vb, name="vc")
-        valids.append(vc)
-        ctlc = reg(m, adv, ctlb, name="ctlc")
+        # stages C1, C2: shift, round, saturate both terms (arith.shift_round_sat_by: two stages)
+        vc1 = reg(m, adv, vb, name="vc1")
+        vc = reg(m, adv, vc1, name="vc")
+        valids += [vc1, vc]
+        ctlc = reg(m, adv, reg(m, adv, ctlb, name="ctlc1"), name="ctlc")
         t1s, t2s = {}, {}
         for j in range(nj):
             for gi in range(G):
-                t1s[gi, j] = reg(m, adv, shift_round_sat(m, t1p[gi, j], k1s[gi, j], 48, TERM_LIMIT_BITS, "t1"),
+                t1s[gi, j] = reg(m, adv, shift_round_sat_by(m, adv, t1p[gi, j], k1s[gi, j], TERM_LIMIT_BITS, "t1"),
                                  signed(TERM_LIMIT_BITS + 1), name="t1")
-                t2s[gi, j] = reg(m, adv, shift_round_sat(m, t2p[gi, j], k2s[gi, j], 48, TERM_LIMIT_BITS, "t2"),
+                t2s[gi, j] = reg(m, adv, shift_round_sat_by(m, adv, t2p[gi, j], k2s[gi, j], TERM_LIMIT_BITS, "t2"),
                                  signed(TERM_LIMIT_BITS + 1), name="t2")
 
         # stage D: score = sat_31(T1 - T2)
@@ -155,8 +176,5 @@ class ScoreUnit(wiring.Component):
                 self.o.payload.ntok.eq(ctlc[0:ntok_w]),
                 self.o.payload.tag.eq(ctlc[ntok_w:]),
             ]
-        busy = 0
-        for v in valids:
-            busy = busy | v
-        m.d.comb += self.busy.eq(busy | self.o.valid)
+        m.d.comb += self.busy.eq(any_tree(m, Cat(*valids, self.o.valid), name="busy"))
         return m

@@ -5,8 +5,8 @@
     v = T[i] - (((T[i] - T[i+1]) * r + 128) >> 8);   p = rshr(v, min(n, 62))
     W = rshr(p * ms, E + 14 - xs - b);   Z = rshr(p * mz, E - 2 - xz)
 
-The table ROM is generated from `pmkvq_accel.model.attention.EXP2_TABLE` (one ROM per lane, so each
-maps to its own block RAM). `p`, `W` and `Z` come out per token lane and query head.
+The table ROM is generated from `pmkvq_accel.model.attention.EXP2_TABLE`: one ROM per lane with a
+synchronous read port and `rom_style = "block"`, so each maps to a block RAM instead of LUTs. `p`, `W` and `Z` come out per token lane and query head.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from amaranth.lib.wiring import In, Out
 
 from pmkvq_accel.model.attention import EXP2_TABLE
 
-from .arith import bf16_fields, comb, reg, shift_round
+from .arith import bf16_fields, comb, reg, shift_amount, shift_round_by
 from .config import DatapathConfig
 
 P_BITS = 33     # p in [0, 2^32]
 W_OUT = 27      # W < 2^26, carried signed
 Z_OUT = 44      # |Z| < 2^42
 LATENCY = 6
+E_STAGE = 4     # the first stage whose logic reads the input `e` (attention.py folds E in before it)
 
 
 def exp2_rom_init():
@@ -86,7 +87,7 @@ class WeightUnit(wiring.Component):
         for j in range(nj):
             for gi in range(G):
                 x = xs1[j, gi]
-                rom = Memory(shape=unsigned(57), depth=256, init=init)
+                rom = Memory(shape=unsigned(57), depth=256, init=init, attrs={"rom_style": "block"})
                 m.submodules[f"exp2_rom_{j}_{gi}"] = rom
                 rp = rom.read_port()
                 m.d.comb += [rp.addr.eq(x[8:16]), rp.en.eq(adv)]
@@ -104,41 +105,49 @@ class WeightUnit(wiring.Component):
             v = comb(m, t - ((dl * r + 128) >> 8), signed(35), "v")
             stage3[j, gi] = (reg(m, adv, v[0:33], name="v3"), reg(m, adv, n, name="n3"))
 
-        # stage 4: p = rshr(v, n)
+        # stage 4: p = rshr(v, n), n <= 34 already clamped
         v4 = reg(m, adv, v3, name="wv4")
         c4 = reg(m, adv, c3, name="wc4")
         stage4 = {}
         for (j, gi), (v, n) in stage3.items():
-            pv = shift_round(m, Cat(v, 0).as_signed(), Cat(n, 0).as_signed(), 35, 0, "p")
+            pv = shift_round_by(m, Cat(v, 0).as_signed(), n, 0, 33, "p")
             stage4[j, gi] = reg(m, adv, pv[0:33], name="p4")
+        # the W/Z shift amounts from the metadata and E (E is read from this stage on: E_STAGE)
+        vmeta3 = c3[0:nj * 32]
+        lb3 = c3[nj * 32:nj * 32 + 2]
+        bits3 = comb(m, Mux(lb3 == 0, 2, Mux(lb3 == 1, 4, Mux(lb3 == 2, 8, 16))), unsigned(5), "bits")
+        k4 = {}
+        for j in range(nj):
+            _, xs = bf16_fields(m, vmeta3[j * 32:j * 32 + 16])
+            _, xz = bf16_fields(m, vmeta3[j * 32 + 16:j * 32 + 32])
+            k4[j] = (reg(m, adv, E + 14 - xs - bits3, signed(14), name="kw4"),
+                     reg(m, adv, E - xz, signed(14), name="kz4"))    # kz + 2 (lmax folded in)
 
-        # stage 5: p * ms, p * mz and the shift amounts
+        # stage 5: p * ms, p * mz; the shift amounts clamped (arith.shift_amount)
         vmeta4 = c4[0:nj * 32]
-        lb4 = c4[nj * 32:nj * 32 + 2]
-        bits4 = comb(m, Mux(lb4 == 0, 2, Mux(lb4 == 1, 4, Mux(lb4 == 2, 8, 16))), unsigned(5), "bits")
         v5 = reg(m, adv, v4, name="wv5")
         c5 = reg(m, adv, c4[nj * 32 + 2:], name="wc5")
         stage5 = {}
         p5 = {}
+        sa5 = {j: (shift_amount(m, adv, kw, 43, "saw"), shift_amount(m, adv, kz, 45 + 2, "saz"))
+               for j, (kw, kz) in k4.items()}
         for j in range(nj):
-            ms, xs = bf16_fields(m, vmeta4[j * 32:j * 32 + 16])
-            mz, xz = bf16_fields(m, vmeta4[j * 32 + 16:j * 32 + 32])
-            kw = comb(m, E + 14 - xs - bits4, signed(14), "kw")
-            kz = comb(m, E - 2 - xz, signed(14), "kz")
+            ms, _ = bf16_fields(m, vmeta4[j * 32:j * 32 + 16])
+            mz, _ = bf16_fields(m, vmeta4[j * 32 + 16:j * 32 + 32])
             for gi in range(G):
                 pv = Cat(stage4[j, gi], 0).as_signed()
                 stage5[j, gi] = (reg(m, adv, pv * ms, signed(44), name="pm"),
                                  reg(m, adv, pv * mz, signed(44), name="pz"),
-                                 reg(m, adv, kw, name="kw5"), reg(m, adv, kz, name="kz5"))
+                                 sa5[j][0], sa5[j][1])
                 p5[j, gi] = reg(m, adv, stage4[j, gi], name="p5")
 
-        # stage 6: W and Z
+        # stage 6: W and Z (shift and round only: the amounts were clamped one stage earlier)
         ws, zs, ps = [], [], []
         for j in range(nj):
             for gi in range(G):
                 pm, pz, kw, kz = stage5[j, gi]
-                ws.append(shift_round(m, pm, kw, 43, 0, "w")[0:W_OUT])
-                zs.append(shift_round(m, pz, kz, 45, 2, "z")[0:Z_OUT])
+                ws.append(shift_round_by(m, pm, kw, 0, W_OUT, "w")[0:W_OUT])
+                zs.append(shift_round_by(m, pz, kz, 2, Z_OUT, "z")[0:Z_OUT])
                 ps.append(p5[j, gi])
         ntok_w = nj.bit_length()
         with m.If(adv):

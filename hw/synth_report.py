@@ -2,7 +2,7 @@
 counts and the logic depth between registers, for the whole datapath or one block.
 
     .venv/bin/python -m pmkvq_accel.hw.synth_report [--block top|unpack|score|weight|mac|shrink]
-        [--word-bits 512] [--head-dim 64] [--groups 3] [--max-tokens 65536]
+        [--word-bits 512] [--head-dim 64] [--groups 3] [--max-tokens 65536] [--keep DIR] [--path]
 
 Flow: Amaranth -> Verilog -> `synth_xilinx -family xcup -noiopad -uram` -> `stat`; depth with
 `ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u` on the flattened netlist (register to register,
@@ -70,9 +70,10 @@ def parse_stat(text: str) -> dict:
     return out
 
 
-def lut_levels(netlist: Path) -> tuple[int, int]:
+def lut_levels(netlist: Path, path: list | None = None) -> tuple[int, int]:
     """Longest register-to-register path counted in LUT levels (LUTx and MUXF7/8 count 1, a CARRY4 0),
-    and the CARRY4 cells on that path. Flip-flops, DSP48E2 and RAM cells are path ends."""
+    and the CARRY4 cells on that path. Flip-flops, DSP48E2 and RAM cells are path ends.
+    When `path` is a list, the path's cells (type, Verilog source location) are appended to it, start first."""
     import json
     mod = json.loads(netlist.read_text())["modules"]["top"]
     drivers, cells = {}, []
@@ -85,10 +86,10 @@ def lut_levels(netlist: Path) -> tuple[int, int]:
         outs = [b for p, bits in c["connections"].items() if c["port_directions"].get(p) == "output"
                 for b in bits if isinstance(b, int)]
         idx = len(cells)
-        cells.append((t, ins, outs))
+        cells.append((t, ins, outs, c.get("attributes", {}).get("src", "")))
         for b in outs:
             drivers[b] = idx
-    memo = {}
+    memo, prev = {}, {}
 
     def depth(i):                      # iterative DFS: (lut levels, carry cells) ending at cell i
         stack = [i]
@@ -101,21 +102,29 @@ def lut_levels(netlist: Path) -> tuple[int, int]:
             if pend:
                 stack.extend(pend)
                 continue
-            best = (0, 0)
+            best, arg = (0, 0), None
             for b in cells[j][1]:
-                if b in drivers:
-                    best = max(best, memo[drivers[b]])
+                if b in drivers and memo[drivers[b]] > best:
+                    best, arg = memo[drivers[b]], drivers[b]
             t = cells[j][0]
             memo[j] = (best[0] + (0 if t.startswith("CARRY") else 1), best[1] + (1 if t.startswith("CARRY") else 0))
+            prev[j] = arg
             stack.pop()
         return memo[i]
-    best = (0, 0)
+    best, end = (0, 0), None
     for i in range(len(cells)):
-        best = max(best, depth(i))
+        if depth(i) > best:
+            best, end = depth(i), i
+    if path is not None:
+        chain = []
+        while end is not None:
+            chain.append((cells[end][0], cells[end][3]))
+            end = prev[end]
+        path.extend(reversed(chain))
     return best
 
 
-def synth(block: str, cfg: DatapathConfig, keep: Path | None = None) -> dict:
+def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: bool = False) -> dict:
     text = verilog.convert(_design(block, cfg), name="top")
     with tempfile.TemporaryDirectory() as td:
         d = Path(keep) if keep else Path(td)
@@ -138,8 +147,12 @@ def synth(block: str, cfg: DatapathConfig, keep: Path | None = None) -> dict:
         res = parse_stat((d / "stat.txt").read_text())
         m = re.search(r"Longest topological path in \S+ \(length=(\d+)\)", (d / "ltp.txt").read_text())
         res["depth"] = int(m.group(1)) if m else None
-        res["lut_levels"], res["carry_on_path"] = lut_levels(d / "netlist.json")
+        chain = []
+        res["lut_levels"], res["carry_on_path"] = lut_levels(d / "netlist.json", chain)
         res["seconds"] = round(time.time() - t0)
+        (d / "lut_path.txt").write_text("".join(f"{t} {src}\n" for t, src in chain))
+        if show_path:
+            print("longest LUT path (start first):\n" + "".join(f"  {t:8s} {src}\n" for t, src in chain), end="")
         return res
 
 
@@ -151,10 +164,12 @@ def main(argv=None):
     ap.add_argument("--groups", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=65536)
     ap.add_argument("--keep", type=Path, help="keep the Verilog, script and reports in this folder")
+    ap.add_argument("--path", action="store_true",
+                    help="print the cells of the longest LUT path with their Verilog source lines (see --keep)")
     args = ap.parse_args(argv)
     cfg = DatapathConfig(word_bits=args.word_bits, head_dim=args.head_dim, groups=args.groups,
                          max_tokens=args.max_tokens)
-    res = synth(args.block, cfg, args.keep)
+    res = synth(args.block, cfg, args.keep, args.path)
     print(f"block={args.block} word_bits={cfg.word_bits} head_dim={cfg.head_dim} G={cfg.groups} "
           f"max_tokens={cfg.max_tokens}")
     print("  ".join(f"{k}={v}" for k, v in res.items()))
