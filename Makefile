@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 JOBS    ?= 2
 
-.PHONY: venv run test sim bench-golden bench-host bench-kernel calib eval bitstream clean
+.PHONY: venv run test sim bench-golden bench-host bench-datapath bench-kernel calib eval bitstream clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,9 @@ bench-golden: $(STAMP)
 
 bench-host: $(STAMP)
 	$(PY) host/bench.py
+
+bench-datapath: $(STAMP)
+	$(PY) sim/bench_throughput.py
 
 bench-kernel: $(STAMP)
 	$(PY) sim/bench_kernel.py

@@ -20,8 +20,8 @@ from pmkvq_accel.hw.config import DatapathConfig
 from pmkvq_accel.hw.jobs import decode_result, expected_beats, job_descriptor, job_words
 from pmkvq_accel.model.attention import attention_partial
 
-from .fastsim import FastSim
-from .jobgen import random_job
+from pmkvq_accel.sim.fastsim import FastSim
+from pmkvq_accel.sim.jobgen import random_job
 
 
 def main(argv=None):
