@@ -242,3 +242,34 @@ def tree_sum(m, adv, items, per_stage=2, name="tree"):
             items = [reg(m, adv, v, name=name + "_p") for v in items]
             lat += 1
     return items[0], lat
+
+
+def delay(m, adv, value, n, name="dl"):
+    """`value` delayed by n register stages (reset-less, so synthesis maps long delays to shift-register
+    LUTs (SRL16/SRL32) and DSP input registers)."""
+    for _ in range(n):
+        s = Signal(value.shape(), name=_name(name), reset_less=True)
+        with m.If(adv):
+            m.d.sync += s.eq(value)
+        value = s
+    return value
+
+
+def mac_chain(m, adv, pairs, c_in=None, name="mc"):
+    """sum_k a_k * b_k (+ c_in) as a systolic multiply-add chain, the DSP48 cascade form: stage k registers
+    its product (MREG) and then p_k = product_k + p_(k-1) (PREG; p_(k-1) arrives over PCOUT -> PCIN).
+    The pair of stage k must be presented k cycles after the pair of stage 0 (the caller skews them with
+    `delay`); `c_in` (optional) is added at stage 0 one cycle after pair 0 (the DSP's C input).
+    Returns (sum, latency): the sum of the pairs presented from cycle t on is valid at t + latency."""
+    prods = [a * b for a, b in pairs]
+    terms = len(prods) + (c_in is not None)
+    width = max([len(p) for p in prods] + ([len(c_in)] if c_in is not None else [])) + (terms - 1).bit_length()
+    acc = None
+    for k, prod in enumerate(prods):
+        prod = reg(m, adv, prod, name=name + "_m")
+        if acc is None:
+            acc = prod if c_in is None else prod + c_in
+        else:
+            acc = prod + acc
+        acc = reg(m, adv, acc, signed(width), name=name + "_p")
+    return acc, len(prods) + 1

@@ -19,7 +19,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import bf16_fields, comb, max_tree, reg
+from .arith import any_tree, bf16_fields, comb, max_tree, reg
 from .config import DatapathConfig
 from .score import ScoreUnit
 from .softmax import LATENCY as W_LATENCY, P_BITS, W_OUT, Z_OUT, WeightUnit
@@ -112,7 +112,6 @@ class DecodeAttention(wiring.Component):
         # ---- run state -------------------------------------------------------------------------
         M = [Signal(signed(32), name=f"M_{g}") for g in range(G)]
         L = [Signal(unsigned(64), name=f"L_{g}") for g in range(G)]
-        Zs = [Signal(signed(64), name=f"Zsum_{g}") for g in range(G)]
         E = Signal(signed(12))
 
         s = Signal(range(NS + 1))
@@ -125,7 +124,6 @@ class DecodeAttention(wiring.Component):
         head = Signal(range(G + 1))
         first_v = Signal()
 
-        phase_v = Signal()     # value side (VCODE) vs key side (KCODE) for the shared counters
         lb = Signal(2)         # width of segment s on the current pass (klb in SQ/KMETA/KCODE, vlb in VCODE)
         tpw = comb(m, Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[lb], unsigned(gl_bits), "tpw")
         wpt_m1 = comb(m, Array(Const(cfg.wpt(b) - 1, wi_bits) for b in (2, 4, 8, 16))[lb], unsigned(wi_bits), "wptm1")
@@ -237,6 +235,7 @@ class DecodeAttention(wiring.Component):
 
         # weights + unpacked value codes -> MAC; p and Z sums per head
         wo = weight.o.payload
+        L_parts = {}
         wo_tag = Signal(wtag_layout)
         m.d.comb += wo_tag.eq(wo.tag)
         mp = mac.i.payload
@@ -244,19 +243,23 @@ class DecodeAttention(wiring.Component):
             mac.i.valid.eq(unpack.o.valid & uo_tag.v),
             mp.c16.eq(unpack.o.payload.c16), mp.w.eq(wo.w), mp.clear.eq(uo_tag.clear), mp.last.eq(uo_tag.vlast),
         ]
+        # p and Z count once per token (its first word) and only for the word's tokens: Z goes to the MAC
+        # (subtracted in its chains), p is summed per word (registered) and then into L
+        zl = []
+        for j in range(NJ):
+            ok = comb(m, weight.o.valid & wo_tag.first & (wo.ntok > j), unsigned(1), "pz_ok")
+            for g in range(G):
+                zl.append(Mux(ok, wo.z[(j * G + g) * Z_OUT:(j * G + g + 1) * Z_OUT], 0))
+                L_parts.setdefault(g, []).append(Mux(ok, wo.p[(j * G + g) * P_BITS:(j * G + g + 1) * P_BITS], 0))
+        m.d.comb += mp.z.eq(Cat(*zl))
         for g in range(G):
-            ps, zs = [], []
-            for j in range(NJ):
-                ok = weight.o.valid & wo_tag.first & (wo.ntok > j)
-                ps.append(Mux(ok, wo.p[(j * G + g) * P_BITS:(j * G + g + 1) * P_BITS], 0))
-                zs.append(Mux(ok, wo.z[(j * G + g) * Z_OUT:(j * G + g + 1) * Z_OUT].as_signed(), 0))
-            psum = comb(m, sum(ps), unsigned(P_BITS + 3), "psum")
-            zsum = comb(m, sum(zs), signed(Z_OUT + 3), "zsum")
-            m.d.sync += [L[g].eq(L[g] + psum), Zs[g].eq(Zs[g] + zsum)]
+            psum = reg(m, 1, sum(L_parts[g]), unsigned(P_BITS + 3), name="psum")
+            m.d.sync += L[g].eq(L[g] + psum)
 
         # running max over the scores written: the word's maximum (a tree, registered), then M = max(M, it)
         m_pend = Signal()        # a word maximum not yet folded into M (the value pass waits for it)
-        m.d.sync += m_pend.eq(score.o.valid)
+        m_pend1 = reg(m, 1, score.o.valid, name="m_pend1")
+        m.d.sync += m_pend.eq(m_pend1 | score.o.valid)
         # the value pass may start: no key beat in the unpack output, the score unit or the M update, as a
         # register (true one cycle after all were empty; no key beat enters after the key pass)
         v_go_r = Signal()
@@ -266,16 +269,17 @@ class DecodeAttention(wiring.Component):
             for j in range(NJ):
                 v = sc[(j * G + g) * 32:(j * G + g + 1) * 32].as_signed()
                 ok = score.o.valid & (so_ntok > j)
-                cands.append(Mux(ok, v, -(1 << 31)))
+                cands.append(reg(m, 1, Mux(ok, v, -(1 << 31)), signed(32), name="wlane", init=-(1 << 31)))
             wmax = reg(m, 1, max_tree(m, cands), signed(32), name="wmax", init=-(1 << 31))
             m.d.sync += M[g].eq(Mux(wmax > M[g], wmax, M[g]))
 
         # E from the value metadata words
-        e_lanes_v = Signal()
         e_lanes = []
         e_vlb = comb(m, cur_vlb[0:2], unsigned(2), "e_vlb")
         e_bits = comb(m, Mux(e_vlb == 0, 2, Mux(e_vlb == 1, 4, Mux(e_vlb == 2, 8, 16))), unsigned(5), "e_bits")
-        meta_gtok = comb(m, gtok_of(rem), unsigned(gl_bits), "meta_gtok")
+        # lane t holds a token of this segment iff t < rem (t < MPW): the high bits of rem or a 4-bit compare
+        rem_hi = any_tree(m, rem[(MPW - 1).bit_length():], name="rem_hi")
+        rem_lo = rem[0:(MPW - 1).bit_length()]
         vmeta_accept = Signal()
         for t in range(MPW):
             word = self.data.payload
@@ -283,7 +287,8 @@ class DecodeAttention(wiring.Component):
             mz, xz = bf16_fields(m, word[t * 32 + 16:t * 32 + 32])
             xsb = comb(m, xs + e_bits, signed(12), "xsb")
             et = comb(m, Mux(xsb > xz, xsb, xz), signed(12), "et")
-            e_lanes.append(reg(m, 1, Mux(vmeta_accept & (t < meta_gtok), et, -2048), signed(12), name="el",
+            lane_ok = comb(m, vmeta_accept & (rem_hi | (rem_lo > t)), unsigned(1), "el_ok")
+            e_lanes.append(reg(m, 1, Mux(lane_ok, et, -2048), signed(12), name="el",
                                init=-2048))
         # E = max(E, the word's lanes): a tree of pairwise maxima, two levels per register stage, so E is
         # final at most three cycles after the last metadata word (the weight unit reads it from its stage
@@ -301,12 +306,10 @@ class DecodeAttention(wiring.Component):
         # ---- output -----------------------------------------------------------------------------
         acc_flat = mac.o.payload.acc
         g_acc = Array(acc_flat[g * HD * ACC_BITS:(g + 1) * HD * ACC_BITS] for g in range(G))[head]
-        g_z = Array(Zs)[head]
         rp = self.result.payload
         m.d.comb += [
             rp.head.eq(head), rp.m.eq(Array(M)[head]), rp.l.eq(Array(L)[head]), rp.e.eq(E),
-            rp.acc.eq(Cat(*[(g_acc[d * ACC_BITS:(d + 1) * ACC_BITS].as_signed() - g_z)[0:ACC_BITS]
-                            for d in range(HD)])),
+            rp.acc.eq(g_acc),
         ]
 
         # ---- controller -------------------------------------------------------------------------
@@ -353,7 +356,7 @@ class DecodeAttention(wiring.Component):
                                  first_v.eq(1), head.eq(0), cur_cnt.eq(jp.count), cur_klb.eq(jp.klb),
                                  cur_vlb.eq(jp.vlb), lb.eq(jp.klb[0:2])]
                     m.d.sync += [M[g].eq(-(1 << 31)) for g in range(G)]
-                    m.d.sync += [L[g].eq(0) for g in range(G)] + [Zs[g].eq(0) for g in range(G)]
+                    m.d.sync += [L[g].eq(0) for g in range(G)]
                     m.d.comb += e_clear.eq(1)
                     m.next = "SQ"
             with m.State("SQ"):
@@ -393,7 +396,7 @@ class DecodeAttention(wiring.Component):
                 # buffer are final. E is needed four stages into the weight pipeline (softmax.E_STAGE),
                 # by when the last metadata word has been folded in (three register stages after it).
                 v_go = v_go_r
-                m.d.comb += [phase_v.eq(1), self.data.ready.eq(v_go)]
+                m.d.comb += self.data.ready.eq(v_go)
                 job_last = comb(m, seg_done & last_seg, unsigned(1), "job_last")
                 m.d.comb += [
                     sr.addr.eq(entry), vr.addr.eq(entry),
@@ -408,7 +411,7 @@ class DecodeAttention(wiring.Component):
                     with m.Else():
                         m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step)]
             with m.State("DRAIN"):
-                # results go out as soon as the accumulators are final (L and Zsum settle earlier)
+                # results go out as soon as the accumulators are final (L settles earlier)
                 m.d.comb += self.result.valid.eq(mac.o.valid)
                 with m.If(mac.o.valid & self.result.ready):
                     m.d.sync += head.eq(head + 1)

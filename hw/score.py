@@ -6,8 +6,10 @@ tokens per word, then the per-token (scale, zero) correction (docs/numerics.md s
     T2    = sat_62(rshr(mz * S_Q, -(xz + eq + 16)))
     score = sat_31(T1 - T2)
 
-S_Q = sum_d Q_d is computed by the same adder tree: a beat with `sq` set (and all lanes zero) feeds
-ones into lane 0 and latches the result; send it once after loading a new query.
+The dot products are systolic multiply-add chains of CHAIN products (the DSP48 cascade form: one DSP per
+product, the sum passed along the chain; lane d enters d % CHAIN cycles late) and a small adder tree over
+the head_dim/CHAIN chains. S_Q = sum_d Q_d is computed by the same chains: a beat with `sq` set (and all
+lanes zero) feeds ones into slot 0 and latches the result; send it once after loading a new query.
 Tokens that span several words (`first`/`last`) accumulate their partial dot products.
 """
 from __future__ import annotations
@@ -18,8 +20,11 @@ from amaranth.lib.wiring import In, Out
 
 from pmkvq_accel.model.formats import SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS
 
-from .arith import any_tree, bf16_fields, comb, reg, saturate, shift_round_sat_by, shift_sat_ctl, tree_sum
+from .arith import (any_tree, bf16_fields, comb, delay, mac_chain, reg, saturate, shift_round_sat_by, shift_sat_ctl,
+                    tree_sum)
 from .config import DatapathConfig
+
+CHAIN = 16   # products per multiply-add chain (DSP48 cascade length; the code skew costs one SRL16 per bit)
 
 
 class ScoreUnit(wiring.Component):
@@ -58,27 +63,31 @@ class ScoreUnit(wiring.Component):
         p = self.i.payload
         valids = []
 
-        # stage 1: products Q_d * c16 (lane 0 sees ones for the S_Q beat)
+        # dot products: per head and token slot, head_dim/CHAIN systolic multiply-add chains (DSP48 cascades;
+        # lane d is skewed by d % CHAIN cycles, shared by the G heads), then a small adder tree over the chains
         v1 = reg(m, adv, self.i.valid, name="v1")
         valids.append(v1)
         ctl_fields = Cat(p.kmeta, p.lb, p.ntok, p.first, p.last, p.sq, p.tag)
         ctl1 = reg(m, adv, ctl_fields, name="ctl1")
-        prods = {}
-        for gi in range(G):
-            qd = [self.q[(gi * hd + d) * 16:(gi * hd + d + 1) * 16].as_signed() for d in range(hd)]
-            for j in range(nj):
-                for d in range(hd):
-                    c = p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16]
-                    if j == 0:
-                        c = c | p.sq
-                    prods[gi, j, d] = reg(m, adv, qd[d] * c, signed(33), name="prod")
-
-        # adder trees over d
+        chain = min(CHAIN, hd)
+        codes = {}
+        for j in range(nj):
+            for d in range(hd):
+                c = p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16]
+                if j == 0:
+                    c = c | p.sq        # the S_Q beat: ones in lane 0
+                codes[j, d] = delay(m, adv, c, d % chain, name="ck")
         sums = {}
         lat = 0
         for gi in range(G):
+            qd = [self.q[(gi * hd + d) * 16:(gi * hd + d + 1) * 16].as_signed() for d in range(hd)]
             for j in range(nj):
-                sums[gi, j], lat = tree_sum(m, adv, [prods[gi, j, d] for d in range(hd)], 2, "dt")
+                parts = []
+                for c0 in range(0, hd, chain):
+                    part, clat = mac_chain(m, adv, [(qd[d], codes[j, d]) for d in range(c0, c0 + chain)], name="dc")
+                    parts.append(part)
+                sums[gi, j], tlat = tree_sum(m, adv, parts, 2, "dt")
+                lat = clat - 1 + tlat      # registers after ctl1
         # the scale/zero exponents as -(x + 16) and -(x + 16) - 1 (numerics.md section 1: x = e - 134, or
         # -133 for e = 0), decoded at the tree input and carried along with it
         nxs = []
@@ -91,8 +100,7 @@ class ScoreUnit(wiring.Component):
         # shift controls: nx registered (+ padding), k - 1 and -k registered, then shift_sat_ctl's two
         # stages: ready with the products of stage B, i.e. lat + 2 registers after ctl1
         assert lat >= 2, "the shift controls need two tree stages"
-        for _ in range(lat - 1):
-            nx = reg(m, adv, nx, name="nxt")
+        nx = delay(m, adv, nx, lat - 1, name="nxt")
         k1s, k2s = {}, {}
         for j in range(nj):
             nx_s, nxm1_s, nx_z, nxm1_z = [nx[(j * 4 + i) * 10:(j * 4 + i + 1) * 10].as_signed() for i in range(4)]
@@ -102,11 +110,11 @@ class ScoreUnit(wiring.Component):
                                            reg(m, adv, eq - nx_s, signed(19), name="k1n"), 48, TERM_LIMIT_BITS, 49, "k1")
                 k2s[gi, j] = shift_sat_ctl(m, adv, reg(m, adv, nxm1_z - eq, signed(19), name="k2m"),
                                            reg(m, adv, eq - nx_z, signed(19), name="k2n"), 48, TERM_LIMIT_BITS, 34, "k2")
-        vv, cc = v1, ctl1
+        vv = v1
         for _ in range(lat):
             vv = reg(m, adv, vv, name="vt")
-            cc = reg(m, adv, cc, name="ct")
             valids.append(vv)
+        cc = delay(m, adv, ctl1, lat, name="ct")
         kmeta = cc[0:nj * 32]
         lb = cc[nj * 32:nj * 32 + 2]
         rest = cc[nj * 32 + 2:]

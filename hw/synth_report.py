@@ -124,15 +124,43 @@ def lut_levels(netlist: Path, path: list | None = None) -> tuple[int, int]:
     return best
 
 
-def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: bool = False) -> dict:
+# `synth_xilinx -family xcup` with its map_dsp step spelled out so that yosys' DSP packer runs. yosys 0.70's
+# xilinx_dsp pattern matches DSP48E1 cells only: on xcup it leaves every post-adder, accumulator and cascade
+# in fabric, which no vendor tool would do. The multipliers are mapped to DSP48E2 (27 x 18) first; the
+# packer then runs on them under the DSP48E1 type, whose post-adder (P = M + C / P / PCIN), register and
+# PCOUT -> PCIN cascade structure is the same, and they are typed back to DSP48E2.
+DSP_PACKED_SYNTH = """\
+synth_xilinx -family xcup -top top -noiopad -uram -run :map_dsp
+memory_dff
+alumacc -macc-only
+maccmap -unmap
+opt_clean
+techmap -map +/mul2dsp.v -map +/xilinx/xcu_dsp_map.v -D DSP_A_MAXWIDTH=27 -D DSP_B_MAXWIDTH=18 \
+  -D DSP_A_MAXWIDTH_PARTIAL=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH=2 -D DSP_Y_MINWIDTH=9 -D DSP_SIGNEDONLY=1 \
+  -D DSP_NAME=$__MUL27X18
+select a:mul2dsp
+setattr -unset mul2dsp
+opt_expr -fine
+wreduce
+select -clear
+chtype -map DSP48E2 DSP48E1 t:DSP48E2
+xilinx_dsp -family xc7
+chtype -map DSP48E1 DSP48E2 t:DSP48E1
+chtype -set $mul t:$__soft_mul
+synth_xilinx -family xcup -top top -noiopad -uram -run coarse:
+"""
+
+
+def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: bool = False,
+          dsp_pack: bool = True) -> dict:
     text = verilog.convert(_design(block, cfg), name="top")
     with tempfile.TemporaryDirectory() as td:
         d = Path(keep) if keep else Path(td)
         d.mkdir(parents=True, exist_ok=True)
         (d / "design.v").write_text(text)
         script = ("read_verilog design.v\n"
-                  "synth_xilinx -family xcup -top top -noiopad -uram\n"
-                  "tee -o stat.txt stat\n"
+                  + (DSP_PACKED_SYNTH if dsp_pack else "synth_xilinx -family xcup -top top -noiopad -uram\n")
+                  + "tee -o stat.txt stat\n"
                   "flatten\n"
                   "tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u\n"
                   "write_json netlist.json\n")
@@ -166,10 +194,12 @@ def main(argv=None):
     ap.add_argument("--keep", type=Path, help="keep the Verilog, script and reports in this folder")
     ap.add_argument("--path", action="store_true",
                     help="print the cells of the longest LUT path with their Verilog source lines (see --keep)")
+    ap.add_argument("--no-dsp-pack", action="store_true",
+                    help="stock synth_xilinx: post-adders, accumulators and cascades stay in fabric (see DSP_PACKED_SYNTH)")
     args = ap.parse_args(argv)
     cfg = DatapathConfig(word_bits=args.word_bits, head_dim=args.head_dim, groups=args.groups,
                          max_tokens=args.max_tokens)
-    res = synth(args.block, cfg, args.keep, args.path)
+    res = synth(args.block, cfg, args.keep, args.path, dsp_pack=not args.no_dsp_pack)
     print(f"block={args.block} word_bits={cfg.word_bits} head_dim={cfg.head_dim} G={cfg.groups} "
           f"max_tokens={cfg.max_tokens}")
     print("  ".join(f"{k}={v}" for k, v in res.items()))

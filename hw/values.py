@@ -1,6 +1,10 @@
-"""Value accumulation (value pass): acc[g][d] += sum_j W[j][g] * c16[j][d] (docs/numerics.md section 7).
+"""Value accumulation (value pass): acc[g][d] += sum_j (W[j][g] * c16[j][d] - Z[j][g])
+(docs/numerics.md section 7).
 
-The Z terms do not depend on d; the datapath sums them per head and subtracts once at the output.
+Per (head, dimension) the nj products of a word go through one systolic multiply-add chain (DSP48
+cascade; token slot j is skewed by j cycles) whose first stage also adds -sum_j Z[j][g] (the DSP's C
+input, shared by the head's dimensions), then into a 64-bit accumulator. The caller zeroes the Z lanes
+that must not count (empty slots, the later words of a multi-word token).
 Beats with `clear` start a new run; after the beat with `last` the output holds the accumulators
 (o.valid) until o.ready, stalling new input meanwhile.
 """
@@ -10,9 +14,9 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import comb, reg, tree_sum
+from .arith import comb, delay, mac_chain, reg
 from .config import DatapathConfig
-from .softmax import W_OUT
+from .softmax import W_OUT, Z_OUT
 
 ACC_BITS = 64
 
@@ -26,6 +30,7 @@ class ValueMac(wiring.Component):
         self.i_layout = data.StructLayout({
             "c16": unsigned(nj * hd * 16),
             "w": unsigned(nj * G * W_OUT),     # lane (j, g) at (j*G + g)*W_OUT, signed
+            "z": unsigned(nj * G * Z_OUT),     # lane (j, g) at (j*G + g)*Z_OUT, signed
             "clear": 1, "last": 1,
         })
         self.o_layout = data.StructLayout({"acc": unsigned(G * hd * ACC_BITS)})  # (g, d) at (g*hd + d)*64
@@ -42,30 +47,30 @@ class ValueMac(wiring.Component):
         adv = Signal()
         m.d.comb += [adv.eq(~self.o.valid | self.o.ready), self.i.ready.eq(adv)]
         p = self.i.payload
+        # input registers (the DSPs' A/B registers); -sum_j Z per head in two stages alongside them
         v1 = reg(m, adv, self.i.valid, name="mv1")
         c1 = reg(m, adv, Cat(p.clear, p.last), name="mc1")
-        prods = {}
-        for j in range(nj):
-            for gi in range(G):
-                w = p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed()
-                for d in range(hd):
-                    c = p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16]
-                    prods[gi, j, d] = reg(m, adv, w * c, signed(W_OUT + 17), name="vp")
-        vv, cc, lat = v1, c1, 0
+        w1 = delay(m, adv, p.w, 1, name="mw")
+        c16 = delay(m, adv, p.c16, 1, name="mx")
+        nz = []
+        for gi in range(G):
+            zl = [p.z[(j * G + gi) * Z_OUT:(j * G + gi + 1) * Z_OUT].as_signed() for j in range(nj)]
+            half = [reg(m, adv, sum(zl[i:i + 2]), signed(Z_OUT + 1), name="mz") for i in range(0, nj, 2)]
+            nz.append(reg(m, adv, -sum(half), signed(Z_OUT + 3), name="mnz"))
+        # the chains: slot j's operands delayed by j cycles; the sum of a word is ready `lat` cycles after w1
+        ws = {(j, gi): delay(m, adv, w1[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed(), j, name="mws")
+              for j in range(nj) for gi in range(G)}
+        cs = {(j, d): delay(m, adv, c16[(j * hd + d) * 16:(j * hd + d + 1) * 16], j, name="mcs")
+              for j in range(nj) for d in range(hd)}
         sums = {}
         for gi in range(G):
             for d in range(hd):
-                sums[gi, d], lat = tree_sum(m, adv, [prods[gi, j, d] for j in range(nj)], 2, "vs")
-        valids = [v1]
+                sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in range(nj)], nz[gi], name="vc")
+        vv, valids = v1, [v1]
         for _ in range(lat):
             vv = reg(m, adv, vv, name="mvt")
-            cc = reg(m, adv, cc, name="mct")
             valids.append(vv)
-        if nj > 1:
-            sums = {k: reg(m, adv, v, name="vsr") for k, v in sums.items()}
-            vv = reg(m, adv, vv, name="mv2")
-            cc = reg(m, adv, cc, name="mc2")
-            valids.append(vv)
+        cc = delay(m, adv, c1, lat, name="mct")
         clear, last = cc[0], cc[1]
         accs = []
         for gi in range(G):

@@ -259,11 +259,15 @@ async def test_mac(dut):
             w = rng.integers(0, 1 << 26, size=(nj, G)).astype(object)
             if rng.random() < 0.1:
                 w[:] = (1 << 26) - 1
+            z = rng.integers(-(1 << 42) + 1, 1 << 42, size=(nj, G)).astype(object)
+            if rng.random() < 0.1:
+                z[:] = rng.choice([-(1 << 42) + 1, (1 << 42) - 1])          # extreme Z
+            z[rng.random(size=(nj, G)) < 0.3] = 0                           # lanes the caller masks
             for g in range(G):
                 for j in range(nj):
-                    acc[g] += w[j, g] * c16[j]
+                    acc[g] += w[j, g] * c16[j] - z[j, g]
             beats.append(pack(il, c16=lanes_int(c16.reshape(-1), 16), w=lanes_int(w.reshape(-1), W_OUT),
-                              clear=int(n == 0), last=int(n == length - 1)))
+                              z=lanes_int(z.reshape(-1), Z_OUT), clear=int(n == 0), last=int(n == length - 1)))
         tb.set_stalls(*STALL_PATTERNS[n_run % len(STALL_PATTERNS)])
         await tb.send("i", beats)
         got = await with_timeout(tb.recv("o", 1), 400 * length + 10000, "ns")
