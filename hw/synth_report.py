@@ -4,7 +4,8 @@ counts and the logic depth between registers, for the whole datapath or one bloc
     .venv/bin/python -m pmkvq_accel.hw.synth_report [--block top|unpack|score|weight|mac|shrink]
         [--word-bits 512] [--head-dim 64] [--groups 3] [--max-tokens 65536] [--keep DIR] [--path]
 
-Flow: Amaranth -> Verilog -> `synth_xilinx -family xcup -noiopad -uram` -> `stat`; depth with
+Flow: Amaranth -> Verilog -> `synth_xilinx -family xcup -noiopad -uram` (with yosys' DSP packer run on the
+DSP48E2 cells, see `synth_commands`; `--no-dsp-pack` for the stock flow) -> `stat`; depth with
 `ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u` on the flattened netlist (register to register,
 counting LUT, MUXF, CARRY and DSP cells on the longest path; CARRY4 counts once per 4 bits of carry).
 No open tool places and routes UltraScale+, so this is an estimate, not timing closure.
@@ -129,26 +130,29 @@ def lut_levels(netlist: Path, path: list | None = None) -> tuple[int, int]:
 # in fabric, which no vendor tool would do. The multipliers are mapped to DSP48E2 (27 x 18) first; the
 # packer then runs on them under the DSP48E1 type, whose post-adder (P = M + C / P / PCIN), register and
 # PCOUT -> PCIN cascade structure is the same, and they are typed back to DSP48E2.
-DSP_PACKED_SYNTH = """\
-synth_xilinx -family xcup -top top -noiopad -uram -run :map_dsp
-memory_dff
-alumacc -macc-only
-maccmap -unmap
-opt_clean
-techmap -map +/mul2dsp.v -map +/xilinx/xcu_dsp_map.v -D DSP_A_MAXWIDTH=27 -D DSP_B_MAXWIDTH=18 \
-  -D DSP_A_MAXWIDTH_PARTIAL=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH=2 -D DSP_Y_MINWIDTH=9 -D DSP_SIGNEDONLY=1 \
-  -D DSP_NAME=$__MUL27X18
-select a:mul2dsp
-setattr -unset mul2dsp
-opt_expr -fine
-wreduce
-select -clear
-chtype -map DSP48E2 DSP48E1 t:DSP48E2
-xilinx_dsp -family xc7
-chtype -map DSP48E1 DSP48E2 t:DSP48E1
-chtype -set $mul t:$__soft_mul
-synth_xilinx -family xcup -top top -noiopad -uram -run coarse:
-"""
+def synth_commands(top: str = "top", uram: bool = True, dsp_pack: bool = True) -> str:
+    """The yosys commands that map the design (before `stat`)."""
+    base = f"synth_xilinx -family xcup -top {top} -noiopad" + (" -uram" if uram else "")
+    if not dsp_pack:
+        return base + "\n"
+    return (f"{base} -run :map_dsp\n"
+            "memory_dff\n"
+            "alumacc -macc-only\n"
+            "maccmap -unmap\n"
+            "opt_clean\n"
+            "techmap -map +/mul2dsp.v -map +/xilinx/xcu_dsp_map.v -D DSP_A_MAXWIDTH=27 -D DSP_B_MAXWIDTH=18 "
+            "-D DSP_A_MAXWIDTH_PARTIAL=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH=2 -D DSP_Y_MINWIDTH=9 "
+            "-D DSP_SIGNEDONLY=1 -D DSP_NAME=$__MUL27X18\n"
+            "select a:mul2dsp\n"
+            "setattr -unset mul2dsp\n"
+            "opt_expr -fine\n"
+            "wreduce\n"
+            "select -clear\n"
+            "chtype -map DSP48E2 DSP48E1 t:DSP48E2\n"
+            "xilinx_dsp -family xc7\n"
+            "chtype -map DSP48E1 DSP48E2 t:DSP48E1\n"
+            "chtype -set $mul t:$__soft_mul\n"
+            f"{base} -run coarse:\n")
 
 
 def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: bool = False,
@@ -159,7 +163,7 @@ def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: 
         d.mkdir(parents=True, exist_ok=True)
         (d / "design.v").write_text(text)
         script = ("read_verilog design.v\n"
-                  + (DSP_PACKED_SYNTH if dsp_pack else "synth_xilinx -family xcup -top top -noiopad -uram\n")
+                  + synth_commands(dsp_pack=dsp_pack)
                   + "tee -o stat.txt stat\n"
                   "flatten\n"
                   "tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u\n"
@@ -195,7 +199,7 @@ def main(argv=None):
     ap.add_argument("--path", action="store_true",
                     help="print the cells of the longest LUT path with their Verilog source lines (see --keep)")
     ap.add_argument("--no-dsp-pack", action="store_true",
-                    help="stock synth_xilinx: post-adders, accumulators and cascades stay in fabric (see DSP_PACKED_SYNTH)")
+                    help="stock synth_xilinx: post-adders, accumulators and cascades stay in fabric (see synth_commands)")
     args = ap.parse_args(argv)
     cfg = DatapathConfig(word_bits=args.word_bits, head_dim=args.head_dim, groups=args.groups,
                          max_tokens=args.max_tokens)

@@ -47,30 +47,28 @@ class ValueMac(wiring.Component):
         adv = Signal()
         m.d.comb += [adv.eq(~self.o.valid | self.o.ready), self.i.ready.eq(adv)]
         p = self.i.payload
-        # input registers (the DSPs' A/B registers); -sum_j Z per head in two stages alongside them
         v1 = reg(m, adv, self.i.valid, name="mv1")
         c1 = reg(m, adv, Cat(p.clear, p.last), name="mc1")
-        w1 = delay(m, adv, p.w, 1, name="mw")
-        c16 = delay(m, adv, p.c16, 1, name="mx")
+        # -sum_j Z per head, registered: the C input of each chain's first stage, added with its product
         nz = []
         for gi in range(G):
             zl = [p.z[(j * G + gi) * Z_OUT:(j * G + gi + 1) * Z_OUT].as_signed() for j in range(nj)]
-            half = [reg(m, adv, sum(zl[i:i + 2]), signed(Z_OUT + 1), name="mz") for i in range(0, nj, 2)]
+            half = [comb(m, sum(zl[i:i + 2]), signed(Z_OUT + 1), "mz") for i in range(0, nj, 2)]
             nz.append(reg(m, adv, -sum(half), signed(Z_OUT + 3), name="mnz"))
-        # the chains: slot j's operands delayed by j cycles; the sum of a word is ready `lat` cycles after w1
-        ws = {(j, gi): delay(m, adv, w1[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed(), j, name="mws")
+        # the chains: slot j's operands delayed by j cycles; a word's sum is ready `lat` cycles after it
+        ws = {(j, gi): delay(m, adv, p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed(), j, name="mws")
               for j in range(nj) for gi in range(G)}
-        cs = {(j, d): delay(m, adv, c16[(j * hd + d) * 16:(j * hd + d + 1) * 16], j, name="mcs")
+        cs = {(j, d): delay(m, adv, p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16], j, name="mcs")
               for j in range(nj) for d in range(hd)}
         sums = {}
         for gi in range(G):
             for d in range(hd):
                 sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in range(nj)], nz[gi], name="vc")
         vv, valids = v1, [v1]
-        for _ in range(lat):
+        for _ in range(lat - 1):
             vv = reg(m, adv, vv, name="mvt")
             valids.append(vv)
-        cc = delay(m, adv, c1, lat, name="mct")
+        cc = delay(m, adv, c1, lat - 1, name="mct")
         clear, last = cc[0], cc[1]
         accs = []
         for gi in range(G):

@@ -275,7 +275,8 @@ def exit_status(tools: VitisTools | None, xclbin: Path | None, ok: bool = True) 
 # ---------------------------------------------------------------------------------------------------------
 # resource estimate from Yosys
 def yosys_script(verilog_name: str, top: str = KERNEL, depth: bool = False) -> str:
-    lines = [f"read_verilog {verilog_name}", f"synth_xilinx -family xcup -top {top} -noiopad",
+    from .synth_report import synth_commands
+    lines = [f"read_verilog {verilog_name}", synth_commands(top, uram=False).rstrip("\n"),
              "flatten", "tee -o stat.txt stat"]   # flatten after mapping: same cells, one netlist for ltp
     if depth:
         lines.append("tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u")
