@@ -54,7 +54,7 @@ class ValueMac(wiring.Component):
         for gi in range(G):
             zl = [p.z[(j * G + gi) * Z_OUT:(j * G + gi + 1) * Z_OUT].as_signed() for j in range(nj)]
             half = [comb(m, sum(zl[i:i + 2]), signed(Z_OUT + 1), "mz") for i in range(0, nj, 2)]
-            nz.append(reg(m, adv, -sum(half), signed(Z_OUT + 3), name="mnz"))
+            nz.append(reg(m, adv, -sum(half), signed(Z_OUT + 2), name="mnz"))     # |sum| < nj * 2^42
         # the chains: slot j's operands delayed by j cycles; a word's sum is ready `lat` cycles after it
         ws = {(j, gi): delay(m, adv, p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed(), j, name="mws")
               for j in range(nj) for gi in range(G)}
@@ -63,7 +63,9 @@ class ValueMac(wiring.Component):
         sums = {}
         for gi in range(G):
             for d in range(hd):
-                sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in range(nj)], nz[gi], name="vc")
+                # |W c| < 2^42 and |Z| < 2^42 per slot, nj <= 4: every partial sum fits the DSP's 48 bits
+                sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in range(nj)], nz[gi], name="vc",
+                                             width=48)
         vv, valids = v1, [v1]
         for _ in range(lat - 1):
             vv = reg(m, adv, vv, name="mvt")
