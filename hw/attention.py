@@ -142,9 +142,27 @@ class DecodeAttention(wiring.Component):
         last_grp = Signal()      # rem == gtok (= rem <= MPW), kept as a register: set with gtok
         seg_done = comb(m, grp_done & last_grp, unsigned(1), "seg_done")
 
+        # Look-ahead for the next group of the same segment (value groups follow each other without a gap,
+        # down to one word per group): the tokens after this group, `rem_after` = max(r - MPW, 0), whether
+        # that is <= MPW, `rem_after - MPW`, and whether it is <= 2 MPW, all registers, so that starting the
+        # next group only selects between registers (no subtract-compare-select chain in one cycle).
+        rem_after = Signal(COUNT_BITS)
+        ra_le1 = Signal()
+        ra_m1 = Signal(COUNT_BITS)
+        ra_le2 = Signal()
+
         def set_group(r):
-            """A group of min(r, MPW) tokens starts with r tokens left in the segment."""
-            m.d.sync += [gtok.eq(gtok_of(r)), left.eq(gtok_of(r)), last_grp.eq(r <= MPW)]
+            """A group of min(r, MPW) tokens starts with r tokens left in the segment (r a register)."""
+            m.d.sync += [gtok.eq(gtok_of(r)), left.eq(gtok_of(r)), last_grp.eq(r <= MPW),
+                         rem_after.eq(Mux(r <= MPW, 0, r - MPW)), ra_le1.eq(r <= 2 * MPW),
+                         ra_m1.eq(r - 2 * MPW), ra_le2.eq(r <= 3 * MPW)]
+
+        def next_group():
+            """The next group of the same segment: set_group(rem_after) from the look-ahead registers."""
+            nxt = Mux(ra_le1, rem_after[0:gl_bits], MPW)
+            m.d.sync += [rem.eq(rem_after), gtok.eq(nxt), left.eq(nxt), last_grp.eq(ra_le1),
+                         rem_after.eq(Mux(ra_le1, 0, ra_m1)), ra_le1.eq(ra_le2),
+                         ra_m1.eq(ra_m1 - MPW), ra_le2.eq(rem_after <= 3 * MPW)]
         last_seg = comb(m, s + 1 >= nseg, unsigned(1), "last_seg")
 
         kslots = Array(kmeta_reg[i * 32:(i + 1) * 32] for i in range(MPW))
@@ -337,8 +355,7 @@ class DecodeAttention(wiring.Component):
                     set_group(cnt_next)
                     m.next = group_state
             with m.Else():
-                m.d.sync += rem.eq(rem - gtok)
-                set_group(rem - gtok)
+                next_group()
                 m.next = group_state
 
         m.d.comb += [direct_tag.gl.eq(gl), direct_tag.entry.eq(entry), direct_tag.lb.eq(lb),
