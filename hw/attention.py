@@ -19,7 +19,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import any_tree, bf16_fields, comb, max_tree, reg
+from .arith import any_tree, bf16_fields, comb, kept, max_tree, reg
 from .config import DatapathConfig
 from .score import ScoreUnit
 from .softmax import LATENCY as W_LATENCY, P_BITS, W_OUT, Z_OUT, WeightUnit
@@ -134,13 +134,15 @@ class DecodeAttention(wiring.Component):
         left = Signal(gl_bits)   # gtok - gl, kept as a register: set with gtok, decremented with gl's steps
         ntok = comb(m, Mux(multi, 1, Mux(tpw < left, tpw, left)), unsigned(ntok_bits), "ntok")
         w_first = comb(m, Mux(multi, wi == 0, 1), unsigned(1), "w_first")
-        w_last = comb(m, Mux(multi, wi == wpt_m1, 1), unsigned(1), "w_last")
+        # the group/segment-end flags are kept LUT outputs (arith.kept): they fan out to every controller
+        # register, and without the attribute ABC maps those cones as chains of 2-input LUTs
+        w_last = kept(m, Mux(multi, wi == wpt_m1, 1), unsigned(1), "w_last")
         gl_step = comb(m, Mux(multi, w_last, tpw), unsigned(gl_bits), "gl_step")
         gl_next = comb(m, gl + gl_step, unsigned(gl_bits + 1), "gl_next")
         # gl_next >= gtok without forming gl_next (gl < gtok inside a group, so left >= 1)
-        grp_done = comb(m, Mux(multi, w_last & (left == 1), ~(tpw < left)), unsigned(1), "grp_done")
+        grp_done = kept(m, Mux(multi, w_last & (left == 1), ~(tpw < left)), unsigned(1), "grp_done")
         last_grp = Signal()      # rem == gtok (= rem <= MPW), kept as a register: set with gtok
-        seg_done = comb(m, grp_done & last_grp, unsigned(1), "seg_done")
+        seg_done = kept(m, grp_done & last_grp, unsigned(1), "seg_done")
 
         # Look-ahead for the next group of the same segment (value groups follow each other without a gap,
         # down to one word per group): the tokens after this group, `rem_after` = max(r - MPW, 0), whether
@@ -163,7 +165,7 @@ class DecodeAttention(wiring.Component):
             m.d.sync += [rem.eq(rem_after), gtok.eq(nxt), left.eq(nxt), last_grp.eq(ra_le1),
                          rem_after.eq(Mux(ra_le1, 0, ra_m1)), ra_le1.eq(ra_le2),
                          ra_m1.eq(ra_m1 - MPW), ra_le2.eq(rem_after <= 3 * MPW)]
-        last_seg = comb(m, s + 1 >= nseg, unsigned(1), "last_seg")
+        last_seg = kept(m, s + 1 >= nseg, unsigned(1), "last_seg")
 
         kslots = Array(kmeta_reg[i * 32:(i + 1) * 32] for i in range(MPW))
         kmeta_lanes = Cat(*[kslots[gl + j] for j in range(NJ)])
