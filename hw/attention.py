@@ -140,7 +140,17 @@ class DecodeAttention(wiring.Component):
         gl_step = comb(m, Mux(multi, w_last, tpw), unsigned(gl_bits), "gl_step")
         gl_next = comb(m, gl + gl_step, unsigned(gl_bits + 1), "gl_next")
         # gl_next >= gtok without forming gl_next (gl < gtok inside a group, so left >= 1)
-        grp_done = kept(m, Mux(multi, w_last & (left == 1), ~(tpw < left)), unsigned(1), "grp_done")
+        # this word ends its group, as a register written a cycle ahead (`gd_next_word`, `gd_new_group`)
+        grp_done = Signal()
+        # the next word of the same group ends it: multi-word tokens: the next word is the token's last and
+        # one token is left; else tokens left after this word (left - tpw) <= tpw
+        gd_next_word = comb(m, Mux(multi, ~w_last & (wi + 1 == wpt_m1) & (left == 1), left <= 2 * tpw),
+                            unsigned(1), "gd_next")
+
+        def gd_new_group(r, lb_new):
+            """A new group of min(r, MPW) tokens at width lb_new is one word: r <= tpw (never for multi-word)."""
+            t = Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[lb_new]
+            return (t != 0) & (r <= t)
         last_grp = Signal()      # rem == gtok (= rem <= MPW), kept as a register: set with gtok
         seg_done = kept(m, grp_done & last_grp, unsigned(1), "seg_done")
 
@@ -153,9 +163,11 @@ class DecodeAttention(wiring.Component):
         ra_m1 = Signal(COUNT_BITS)
         ra_le2 = Signal()
 
-        def set_group(r):
-            """A group of min(r, MPW) tokens starts with r tokens left in the segment (r a register)."""
+        def set_group(r, lb_new):
+            """A group of min(r, MPW) tokens starts with r tokens left in the segment (r a register), at
+            width lb_new."""
             m.d.sync += [gtok.eq(gtok_of(r)), left.eq(gtok_of(r)), last_grp.eq(r <= MPW),
+                         grp_done.eq(gd_new_group(r, lb_new)),
                          rem_after.eq(Mux(r <= MPW, 0, r - MPW)), ra_le1.eq(r <= 2 * MPW),
                          ra_m1.eq(r - 2 * MPW), ra_le2.eq(r <= 3 * MPW)]
 
@@ -163,6 +175,7 @@ class DecodeAttention(wiring.Component):
             """The next group of the same segment: set_group(rem_after) from the look-ahead registers."""
             nxt = Mux(ra_le1, rem_after[0:gl_bits], MPW)
             m.d.sync += [rem.eq(rem_after), gtok.eq(nxt), left.eq(nxt), last_grp.eq(ra_le1),
+                         grp_done.eq(gd_new_group(rem_after, lb)),
                          rem_after.eq(Mux(ra_le1, 0, ra_m1)), ra_le1.eq(ra_le2),
                          ra_m1.eq(ra_m1 - MPW), ra_le2.eq(rem_after <= 3 * MPW)]
         last_seg = kept(m, s + 1 >= nseg, unsigned(1), "last_seg")
@@ -350,11 +363,11 @@ class DecodeAttention(wiring.Component):
                 with m.If(last_seg):
                     seg_first()
                     m.d.sync += entry.eq(0)
-                    set_group(count0)
+                    set_group(count0, lb)      # (the next pass sets its group again)
                     m.next = after_last
                 with m.Else():
                     seg_advance(value_pass)
-                    set_group(cnt_next)
+                    set_group(cnt_next, (cur_vlb if value_pass else cur_klb)[2:4] if NS > 1 else Const(0, 2))
                     m.next = group_state
             with m.Else():
                 next_group()
@@ -385,7 +398,7 @@ class DecodeAttention(wiring.Component):
                 m.d.comb += self.data.ready.eq(1)
                 with m.If(self.data.valid):
                     m.d.sync += [kmeta_reg.eq(self.data.payload), gl.eq(0), wi.eq(0)]
-                    set_group(rem)
+                    set_group(rem, lb)
                     m.next = "KCODE"
             with m.State("KCODE"):
                 m.d.comb += [self.data.ready.eq(1), direct_valid.eq(self.data.valid)]
@@ -393,7 +406,8 @@ class DecodeAttention(wiring.Component):
                     with m.If(grp_done):
                         end_of_group("KMETA", "VMETA", False)
                     with m.Else():
-                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step)]
+                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step),
+                                     grp_done.eq(gd_next_word)]
             with m.State("VMETA"):
                 m.d.comb += [self.data.ready.eq(1), vmeta_accept.eq(self.data.valid),
                              vw.addr.eq(entry), vw.data.eq(self.data.payload), vw.en.eq(self.data.valid)]
@@ -403,7 +417,7 @@ class DecodeAttention(wiring.Component):
                         with m.If(last_seg):
                             seg_first()
                             m.d.sync += [entry.eq(0), gl.eq(0), wi.eq(0), lb.eq(vlbs[0:2])]
-                            set_group(count0)
+                            set_group(count0, vlbs[0:2])
                             m.next = "VCODE"
                         with m.Else():
                             seg_advance(True)
@@ -428,7 +442,8 @@ class DecodeAttention(wiring.Component):
                     with m.If(grp_done):
                         end_of_group("VCODE", "DRAIN", True)
                     with m.Else():
-                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step)]
+                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step),
+                                     grp_done.eq(gd_next_word)]
             with m.State("DRAIN"):
                 # results go out as soon as the accumulators are final (L settles earlier)
                 m.d.comb += self.result.valid.eq(mac.o.valid)
