@@ -140,7 +140,8 @@ class DecodeAttention(wiring.Component):
         gl_step = comb(m, Mux(multi, w_last, tpw), unsigned(gl_bits), "gl_step")
         gl_next = comb(m, gl + gl_step, unsigned(gl_bits + 1), "gl_next")
         # gl_next >= gtok without forming gl_next (gl < gtok inside a group, so left >= 1)
-        # this word ends its group, as a register written a cycle ahead (`gd_next_word`, `gd_new_group`)
+        # this word ends its group, as a register written a cycle ahead (`gd_next_word`, `gd_new_group`;
+        # its update follows the FSM below)
         grp_done = Signal()
         # the next word of the same group ends it: multi-word tokens: the next word is the token's last and
         # one token is left; else tokens left after this word (left - tpw) <= tpw
@@ -152,7 +153,6 @@ class DecodeAttention(wiring.Component):
             t = Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[lb_new]
             return (t != 0) & (r <= t)
         last_grp = Signal()      # rem == gtok (= rem <= MPW), kept as a register: set with gtok
-        seg_done = kept(m, grp_done & last_grp, unsigned(1), "seg_done")
 
         # Look-ahead for the next group of the same segment (value groups follow each other without a gap,
         # down to one word per group): the tokens after this group, `rem_after` = max(r - MPW, 0), whether
@@ -163,11 +163,9 @@ class DecodeAttention(wiring.Component):
         ra_m1 = Signal(COUNT_BITS)
         ra_le2 = Signal()
 
-        def set_group(r, lb_new):
-            """A group of min(r, MPW) tokens starts with r tokens left in the segment (r a register), at
-            width lb_new."""
+        def set_group(r):
+            """A group of min(r, MPW) tokens starts with r tokens left in the segment (r a register)."""
             m.d.sync += [gtok.eq(gtok_of(r)), left.eq(gtok_of(r)), last_grp.eq(r <= MPW),
-                         grp_done.eq(gd_new_group(r, lb_new)),
                          rem_after.eq(Mux(r <= MPW, 0, r - MPW)), ra_le1.eq(r <= 2 * MPW),
                          ra_m1.eq(r - 2 * MPW), ra_le2.eq(r <= 3 * MPW)]
 
@@ -175,15 +173,18 @@ class DecodeAttention(wiring.Component):
             """The next group of the same segment: set_group(rem_after) from the look-ahead registers."""
             nxt = Mux(ra_le1, rem_after[0:gl_bits], MPW)
             m.d.sync += [rem.eq(rem_after), gtok.eq(nxt), left.eq(nxt), last_grp.eq(ra_le1),
-                         grp_done.eq(gd_new_group(rem_after, lb)),
                          rem_after.eq(Mux(ra_le1, 0, ra_m1)), ra_le1.eq(ra_le2),
                          ra_m1.eq(ra_m1 - MPW), ra_le2.eq(rem_after <= 3 * MPW)]
-        last_seg = kept(m, s + 1 >= nseg, unsigned(1), "last_seg")
+        # s + 1 >= nseg, as a register written with s (IDLE, seg_first, seg_advance): it selects between the
+        # candidates of every controller register, so it must not be a compare in the same cycle
+        last_seg = Signal()
 
         kslots = Array(kmeta_reg[i * 32:(i + 1) * 32] for i in range(MPW))
         kmeta_lanes = Cat(*[kslots[gl + j] for j in range(NJ)])
 
-        # unpack input: direct (key pass / S_Q beat) or the delayed value word
+        # unpack input: direct (key pass / S_Q beat) or the delayed value word, through a register stage (the
+        # direct beat's token count and lane metadata are logic on the controller's registers); the value
+        # words' delay line is one stage shorter for it
         direct_valid = Signal()
         direct_tag = Signal(utag_layout)
         vdelay = []   # (valid, word, lb, wi, ntok, tag)
@@ -193,15 +194,18 @@ class DecodeAttention(wiring.Component):
         vd_lb = Signal(2)
         vd_wi = Signal(wi_bits)
         vd_ntok = Signal(ntok_bits)
-        up = unpack.i.payload
-        m.d.comb += [
-            unpack.i.valid.eq(direct_valid | vd_valid),
+        ui_valid = Signal()
+        up = Signal(unpack.i_layout)
+        m.d.sync += [
+            ui_valid.eq(direct_valid | vd_valid),
             up.word.eq(Mux(vd_valid, vd_word, Mux(direct_valid, self.data.payload, 0))),
             up.lb.eq(Mux(vd_valid, vd_lb, lb)),
             up.wi.eq(Mux(vd_valid, vd_wi, wi)),
             up.ntok.eq(Mux(vd_valid, vd_ntok, Mux(direct_tag.sq, 0, ntok))),
             up.tag.eq(Mux(vd_valid, vd_tag, direct_tag)),
         ]
+        ui_tag = Signal(utag_layout)
+        m.d.comb += [unpack.i.valid.eq(ui_valid), unpack.i.payload.eq(up), ui_tag.eq(up.tag)]
         uo_tag = Signal(utag_layout)
         m.d.comb += [uo_tag.eq(unpack.o.payload.tag), unpack.o.ready.eq(1)]
 
@@ -222,6 +226,10 @@ class DecodeAttention(wiring.Component):
         so_ntok = score.o.payload.ntok
         sc = score.o.payload.score
         so_tpw = comb(m, Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[so_tag.lb], unsigned(gl_bits), "so_tpw")
+        # lane `lane` takes token j of the word iff gl + j == lane and j < ntok: a decode of gl (kept) and
+        # the token flags, so that the 16 enables do not come out of ABC as compares chained through each other
+        gl_hot = [kept(m, so_tag.gl == i, unsigned(1), "sw_gl") for i in range(MPW)]
+        tok_in = [kept(m, so_ntok > j, unsigned(1), "sw_tok") for j in range(NJ)]
         wdata, wen = [], []
         for lane in range(MPW):
             cands = []
@@ -230,7 +238,10 @@ class DecodeAttention(wiring.Component):
                 j = lane % t if t >= 1 else 0
                 cands.append(sc[j * G * 32:(j + 1) * G * 32])
             wdata.append(Array(cands)[so_tag.lb])
-            wen.append(score.o.valid & (so_tag.gl <= lane) & (lane < so_tag.gl + so_ntok))
+            hits = [tok_in[j] & gl_hot[lane - j] for j in range(min(NJ, lane + 1))]
+            # pairs of terms as kept LUTs (the whole OR came out of ABC as a chain of 2-input LUTs)
+            hit = Cat(*[kept(m, Cat(*hits[i:i + 2]).any(), unsigned(1), "sw_hit") for i in range(0, len(hits), 2)])
+            wen.append(score.o.valid & hit.any())
         m.d.comb += [sw.addr.eq(so_tag.entry), sw.data.eq(Cat(*wdata)), sw.en.eq(Cat(*wen))]
 
         # ---- value side: buffer read, lane select, weights -------------------------------------
@@ -253,13 +264,14 @@ class DecodeAttention(wiring.Component):
         m_flat = Cat(*M)
         m.d.comb += [weight.m.eq(m_flat), weight.e.eq(E)]
 
-        # value words wait W_LATENCY cycles (the weights' latency) before unpacking
+        # value words wait W_LATENCY cycles (the weights' latency) before unpacking: W_LATENCY - 1 here, one
+        # in the unpack input register
         dl_layout = data.StructLayout({"word": unsigned(W), "lb": unsigned(2), "wi": unsigned(wi_bits),
                                        "ntok": unsigned(ntok_bits), "tag": utag_layout})
         v_in_valid = Signal()
         v_in = Signal(dl_layout)
         dv, dp = v_in_valid, v_in
-        for k in range(W_LATENCY):
+        for k in range(W_LATENCY - 1):
             nv, np_ = Signal(name=f"dly_v{k}"), Signal(dl_layout, name=f"dly_p{k}")
             m.d.sync += [nv.eq(dv), np_.eq(dp)]
             dv, dp = nv, np_
@@ -280,7 +292,7 @@ class DecodeAttention(wiring.Component):
         # (subtracted in its chains), p is summed per word (registered) and then into L
         zl = []
         for j in range(NJ):
-            ok = comb(m, weight.o.valid & wo_tag.first & (wo.ntok > j), unsigned(1), "pz_ok")
+            ok = kept(m, weight.o.valid & wo_tag.first & (wo.ntok > j), unsigned(1), "pz_ok")
             for g in range(G):
                 zl.append(Mux(ok, wo.z[(j * G + g) * Z_OUT:(j * G + g + 1) * Z_OUT], 0))
                 L_parts.setdefault(g, []).append(Mux(ok, wo.p[(j * G + g) * P_BITS:(j * G + g + 1) * P_BITS], 0))
@@ -296,7 +308,7 @@ class DecodeAttention(wiring.Component):
         # the value pass may start: no key beat in the unpack output, the score unit or the M update, as a
         # register (true one cycle after all were empty; no key beat enters after the key pass)
         v_go_r = Signal()
-        m.d.sync += v_go_r.eq(~(score.busy | (unpack.o.valid & ~uo_tag.v) | m_pend))
+        m.d.sync += v_go_r.eq(~(score.busy | (unpack.o.valid & ~uo_tag.v) | (ui_valid & ~ui_tag.v) | m_pend))
         for g in range(G):
             cands = []
             for j in range(NJ):
@@ -313,14 +325,18 @@ class DecodeAttention(wiring.Component):
         # lane t holds a token of this segment iff t < rem (t < MPW): the high bits of rem or a 4-bit compare
         rem_hi = any_tree(m, rem[(MPW - 1).bit_length():], name="rem_hi")
         rem_lo = rem[0:(MPW - 1).bit_length()]
-        vmeta_accept = Signal()
+        # the lane masks drive the lane registers' reset pins. `t < rem_lo` is the carry out of
+        # rem_lo + (MPW - 1 - t): a carry chain is a box to the LUT mapper, whereas 16 compares of the same
+        # 4 bits came out of ABC as one chain of LUTs through each other (7 levels)
+        vmeta_accept = Signal(attrs={"keep": 1})
         for t in range(MPW):
             word = self.data.payload
             ms, xs = bf16_fields(m, word[t * 32:t * 32 + 16])
             mz, xz = bf16_fields(m, word[t * 32 + 16:t * 32 + 32])
             xsb = comb(m, xs + e_bits, signed(12), "xsb")
             et = comb(m, Mux(xsb > xz, xsb, xz), signed(12), "et")
-            lane_ok = comb(m, vmeta_accept & (rem_hi | (rem_lo > t)), unsigned(1), "el_ok")
+            gt = comb(m, rem_lo + (MPW - 1 - t), unsigned(len(rem_lo) + 1), "el_gt")
+            lane_ok = kept(m, vmeta_accept & (rem_hi | gt[-1]), unsigned(1), "el_ok")
             e_lanes.append(reg(m, 1, Mux(lane_ok, et, -2048), signed(12), name="el",
                                init=-2048))
         # E = max(E, the word's lanes): a tree of pairwise maxima, two levels per register stage, so E is
@@ -348,26 +364,38 @@ class DecodeAttention(wiring.Component):
         # ---- controller -------------------------------------------------------------------------
         def seg_first():
             """s returns to 0: the cursors reload from the descriptor."""
-            m.d.sync += [s.eq(0), rem.eq(count0), cur_cnt.eq(counts), cur_klb.eq(klbs), cur_vlb.eq(vlbs)]
+            m.d.sync += [s.eq(0), last_seg.eq(nseg <= 1), rem.eq(count0), cur_cnt.eq(counts), cur_klb.eq(klbs),
+                         cur_vlb.eq(vlbs)]
 
         def seg_advance(value_pass):
             """s advances by one: the cursors shift down by one segment; lb = the next segment's width."""
             nxt_lb = (cur_vlb if value_pass else cur_klb)[2:4] if NS > 1 else Const(0, 2)
-            m.d.sync += [s.eq(s + 1), rem.eq(cnt_next), lb.eq(nxt_lb), cur_cnt.eq(cur_cnt >> COUNT_BITS),
-                         cur_klb.eq(cur_klb >> 2), cur_vlb.eq(cur_vlb >> 2)]
+            m.d.sync += [s.eq(s + 1), last_seg.eq(s + 2 >= nseg), rem.eq(cnt_next), lb.eq(nxt_lb),
+                         cur_cnt.eq(cur_cnt >> COUNT_BITS), cur_klb.eq(cur_klb >> 2), cur_vlb.eq(cur_vlb >> 2)]
+
+        # the controller's decisions as kept LUT outputs, each a small function of registers, so that the
+        # next-state logic of every register selects between candidates with them (ABC otherwise maps the
+        # nested conditions as a chain of 2-input LUTs)
+        pass_end = kept(m, grp_done & last_grp & last_seg, unsigned(1), "pass_end")    # the pass's last word
+        seg_next = kept(m, grp_done & last_grp & ~last_seg, unsigned(1), "seg_next")
+        rem_le = kept(m, rem <= MPW, unsigned(1), "rem_le")
+        vm_last = kept(m, rem_le & last_seg, unsigned(1), "vm_last")    # VMETA: the last metadata word
+        vm_seg = kept(m, rem_le & ~last_seg, unsigned(1), "vm_seg")     # VMETA: a segment's last word
+
+        v_accept = kept(m, self.data.valid & v_go_r, unsigned(1), "v_accept")   # a value word, in VCODE
 
         def end_of_group(group_state, after_last, value_pass):
             """Book-keeping at the end of a group: next group, next segment or the next phase."""
             m.d.sync += [entry.eq(entry + 1), gl.eq(0), wi.eq(0)]
-            with m.If(seg_done):
-                with m.If(last_seg):
+            with m.If(pass_end | seg_next):
+                with m.If(pass_end):
                     seg_first()
                     m.d.sync += entry.eq(0)
-                    set_group(count0, lb)      # (the next pass sets its group again)
+                    set_group(count0)      # (the next pass sets its group again)
                     m.next = after_last
                 with m.Else():
                     seg_advance(value_pass)
-                    set_group(cnt_next, (cur_vlb if value_pass else cur_klb)[2:4] if NS > 1 else Const(0, 2))
+                    set_group(cnt_next)
                     m.next = group_state
             with m.Else():
                 next_group()
@@ -377,13 +405,13 @@ class DecodeAttention(wiring.Component):
                      direct_tag.ntok.eq(ntok), direct_tag.first.eq(w_first), direct_tag.last.eq(w_last),
                      direct_tag.kmeta.eq(kmeta_lanes)]
 
-        with m.FSM(name="ctl"):
+        with m.FSM(name="ctl") as fsm:
             with m.State("IDLE"):
                 m.d.comb += self.job.ready.eq(1)
                 with m.If(self.job.valid):
                     jp = self.job.payload
                     m.d.sync += [q.eq(jp.q), eq.eq(jp.qexp), nseg.eq(jp.nseg), counts.eq(jp.count),
-                                 klbs.eq(jp.klb), vlbs.eq(jp.vlb), s.eq(0),
+                                 klbs.eq(jp.klb), vlbs.eq(jp.vlb), s.eq(0), last_seg.eq(jp.nseg <= 1),
                                  rem.eq(jp.count[0:COUNT_BITS]), entry.eq(0), gl.eq(0), wi.eq(0),
                                  first_v.eq(1), head.eq(0), cur_cnt.eq(jp.count), cur_klb.eq(jp.klb),
                                  cur_vlb.eq(jp.vlb), lb.eq(jp.klb[0:2])]
@@ -398,7 +426,7 @@ class DecodeAttention(wiring.Component):
                 m.d.comb += self.data.ready.eq(1)
                 with m.If(self.data.valid):
                     m.d.sync += [kmeta_reg.eq(self.data.payload), gl.eq(0), wi.eq(0)]
-                    set_group(rem, lb)
+                    set_group(rem)
                     m.next = "KCODE"
             with m.State("KCODE"):
                 m.d.comb += [self.data.ready.eq(1), direct_valid.eq(self.data.valid)]
@@ -406,18 +434,17 @@ class DecodeAttention(wiring.Component):
                     with m.If(grp_done):
                         end_of_group("KMETA", "VMETA", False)
                     with m.Else():
-                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step),
-                                     grp_done.eq(gd_next_word)]
+                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step)]
             with m.State("VMETA"):
                 m.d.comb += [self.data.ready.eq(1), vmeta_accept.eq(self.data.valid),
                              vw.addr.eq(entry), vw.data.eq(self.data.payload), vw.en.eq(self.data.valid)]
                 with m.If(self.data.valid):
                     m.d.sync += entry.eq(entry + 1)
-                    with m.If(rem <= MPW):
-                        with m.If(last_seg):
+                    with m.If(vm_last | vm_seg):
+                        with m.If(vm_last):
                             seg_first()
                             m.d.sync += [entry.eq(0), gl.eq(0), wi.eq(0), lb.eq(vlbs[0:2])]
-                            set_group(count0, vlbs[0:2])
+                            set_group(count0)
                             m.next = "VCODE"
                         with m.Else():
                             seg_advance(True)
@@ -430,20 +457,18 @@ class DecodeAttention(wiring.Component):
                 # by when the last metadata word has been folded in (three register stages after it).
                 v_go = v_go_r
                 m.d.comb += self.data.ready.eq(v_go)
-                job_last = comb(m, seg_done & last_seg, unsigned(1), "job_last")
                 m.d.comb += [
                     sr.addr.eq(entry), vr.addr.eq(entry),
                     v_in_valid.eq(self.data.valid & v_go),
                     v_in.word.eq(self.data.payload), v_in.lb.eq(lb), v_in.wi.eq(wi), v_in.ntok.eq(ntok),
-                    v_in.tag.v.eq(1), v_in.tag.clear.eq(first_v), v_in.tag.vlast.eq(job_last),
+                    v_in.tag.v.eq(1), v_in.tag.clear.eq(first_v), v_in.tag.vlast.eq(pass_end),
                 ]
-                with m.If(self.data.valid & v_go):
+                with m.If(v_accept):
                     m.d.sync += first_v.eq(0)
                     with m.If(grp_done):
                         end_of_group("VCODE", "DRAIN", True)
                     with m.Else():
-                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step),
-                                     grp_done.eq(gd_next_word)]
+                        m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step)]
             with m.State("DRAIN"):
                 # results go out as soon as the accumulators are final (L settles earlier)
                 m.d.comb += self.result.valid.eq(mac.o.valid)
@@ -452,6 +477,28 @@ class DecodeAttention(wiring.Component):
                     with m.If(head == G - 1):
                         m.d.comb += mac.o.ready.eq(1)
                         m.next = "IDLE"
+
+        # grp_done's next value: one candidate per controller event, both kept (events from registers, one
+        # layer), the events one-hot, so that its update is an AND-OR of two levels (the nested conditions
+        # came out of ABC as a chain of 7 LUTs)
+        in_k, in_v = fsm.ongoing("KCODE"), fsm.ongoing("VCODE")
+        code_acc = (in_k & self.data.valid) | (in_v & v_accept)
+        seg_lb = lambda cur: cur[2:4] if NS > 1 else Const(0, 2)    # noqa: E731  (the next segment's width)
+        gd_cases = [   # (event, grp_done after it)
+            (fsm.ongoing("KMETA") & self.data.valid, gd_new_group(rem, lb)),                   # a key group
+            (code_acc & ~grp_done, gd_next_word),                                              # a word
+            (code_acc & grp_done & ~last_grp, gd_new_group(rem_after, lb)),                    # next group
+            (in_k & code_acc & seg_next, gd_new_group(cnt_next, seg_lb(cur_klb))),             # next segment
+            (in_v & code_acc & seg_next, gd_new_group(cnt_next, seg_lb(cur_vlb))),
+            (code_acc & pass_end, gd_new_group(count0, lb)),                                   # pass end
+            (fsm.ongoing("VMETA") & self.data.valid & vm_last, gd_new_group(count0, vlbs[0:2])),   # value pass
+        ]
+        evs = [kept(m, ev, unsigned(1), "gd_ev") for ev, _ in gd_cases]
+        cands = [kept(m, c, unsigned(1), "gd_c") for _, c in gd_cases]
+        parts = [kept(m, Cat(*[e & c for e, c in zip(evs[i:i + 3], cands[i:i + 3])]).any(), unsigned(1), "gd_p")
+                 for i in range(0, len(evs), 3)]
+        with m.If(kept(m, Cat(*evs).any(), unsigned(1), "gd_upd")):
+            m.d.sync += grp_done.eq(Cat(*parts).any())
 
         # value-side read register stage (buffer data arrives one cycle after the address)
         m.d.sync += [r_valid.eq(v_in_valid), r_tag.gl.eq(gl), r_tag.lb.eq(lb), r_tag.ntok.eq(ntok),

@@ -14,7 +14,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import comb, delay, mac_chain, reg
+from .arith import delay, kept, mac_chain, reg
 from .config import DatapathConfig
 from .softmax import W_OUT, Z_OUT
 
@@ -53,7 +53,8 @@ class ValueMac(wiring.Component):
         nz = []
         for gi in range(G):
             zl = [p.z[(j * G + gi) * Z_OUT:(j * G + gi + 1) * Z_OUT].as_signed() for j in range(nj)]
-            half = [comb(m, sum(zl[i:i + 2]), signed(Z_OUT + 1), "mz") for i in range(0, nj, 2)]
+            # the pair sums as kept LUT outputs: an adder each, then the sum and its negation
+            half = [kept(m, sum(zl[i:i + 2]), signed(Z_OUT + 1), "mz") for i in range(0, nj, 2)]
             nz.append(reg(m, adv, -sum(half), signed(Z_OUT + 2), name="mnz"))     # |sum| < nj * 2^42
         # the chains: slot j's operands delayed by j cycles; a word's sum is ready `lat` cycles after it
         ws = {(j, gi): delay(m, adv, p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed(), j, name="mws")
