@@ -58,6 +58,27 @@ def any_tree(m, terms, first=6, name="any"):
     return terms[0] if terms else Const(0, 1)
 
 
+def select_update(m, target, cases, name="su"):
+    """target <= the value of the one event that holds (`cases`: (event, value), events mutually exclusive;
+    none: target holds), as an AND-OR of kept LUTs: the events and values kept, three (event, value) pairs
+    per LUT and bit, the register's enable the OR of the events. Written as nested conditions, such an
+    update came out of ABC as a chain of 2-input LUTs."""
+    evs = [kept(m, ev, unsigned(1), name + "_ev") for ev, _ in cases]
+    vals = [kept(m, v, target.shape(), name + "_c") for _, v in cases]
+    parts = []
+    for i in range(0, len(cases), 3):
+        terms = [v & e.replicate(len(target)) for e, v in zip(evs[i:i + 3], vals[i:i + 3])]
+        acc = terms[0]
+        for t in terms[1:]:
+            acc = acc | t
+        parts.append(kept(m, acc, target.shape(), name + "_p"))
+    nxt = parts[0]
+    for p in parts[1:]:
+        nxt = nxt | p
+    with m.If(kept(m, Cat(*evs).any(), unsigned(1), name + "_en")):
+        m.d.sync += target.eq(nxt)
+
+
 def clamp_u(m, k, hi, name="kc"):
     """clamp(k, 0, hi) for a signed k, as an unsigned signal, from the bits (no compare chains):
     the sign bit, an OR of the high bits and one small compare of the low bits."""

@@ -19,7 +19,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import any_tree, bf16_fields, comb, kept, max_tree, reg
+from .arith import any_tree, bf16_fields, comb, kept, max_tree, reg, select_update
 from .config import DatapathConfig
 from .score import ScoreUnit
 from .softmax import LATENCY as W_LATENCY, P_BITS, W_OUT, Z_OUT, WeightUnit
@@ -166,14 +166,14 @@ class DecodeAttention(wiring.Component):
         def set_group(r):
             """A group of min(r, MPW) tokens starts with r tokens left in the segment (r a register)."""
             m.d.sync += [gtok.eq(gtok_of(r)), left.eq(gtok_of(r)), last_grp.eq(r <= MPW),
-                         rem_after.eq(Mux(r <= MPW, 0, r - MPW)), ra_le1.eq(r <= 2 * MPW),
+                         ra_le1.eq(r <= 2 * MPW),
                          ra_m1.eq(r - 2 * MPW), ra_le2.eq(r <= 3 * MPW)]
 
         def next_group():
             """The next group of the same segment: set_group(rem_after) from the look-ahead registers."""
             nxt = Mux(ra_le1, rem_after[0:gl_bits], MPW)
             m.d.sync += [rem.eq(rem_after), gtok.eq(nxt), left.eq(nxt), last_grp.eq(ra_le1),
-                         rem_after.eq(Mux(ra_le1, 0, ra_m1)), ra_le1.eq(ra_le2),
+                         ra_le1.eq(ra_le2),
                          ra_m1.eq(ra_m1 - MPW), ra_le2.eq(rem_after <= 3 * MPW)]
         # s + 1 >= nseg, as a register written with s (IDLE, seg_first, seg_advance): it selects between the
         # candidates of every controller register, so it must not be a compare in the same cycle
@@ -383,6 +383,13 @@ class DecodeAttention(wiring.Component):
         vm_seg = kept(m, rem_le & ~last_seg, unsigned(1), "vm_seg")     # VMETA: a segment's last word
 
         v_accept = kept(m, self.data.valid & v_go_r, unsigned(1), "v_accept")   # a value word, in VCODE
+        # "the state is KCODE" / "VCODE" as registers written with the state (`go`): the events below then
+        # start from registers, not from decodes of the state, which ABC chained
+        in_k, in_v = Signal(), Signal()
+
+        def go(state):
+            m.next = state
+            m.d.sync += [in_k.eq(state == "KCODE"), in_v.eq(state == "VCODE")]
 
         def end_of_group(group_state, after_last, value_pass):
             """Book-keeping at the end of a group: next group, next segment or the next phase."""
@@ -392,14 +399,14 @@ class DecodeAttention(wiring.Component):
                     seg_first()
                     m.d.sync += entry.eq(0)
                     set_group(count0)      # (the next pass sets its group again)
-                    m.next = after_last
+                    go(after_last)
                 with m.Else():
                     seg_advance(value_pass)
                     set_group(cnt_next)
-                    m.next = group_state
+                    go(group_state)
             with m.Else():
                 next_group()
-                m.next = group_state
+                go(group_state)
 
         m.d.comb += [direct_tag.gl.eq(gl), direct_tag.entry.eq(entry), direct_tag.lb.eq(lb),
                      direct_tag.ntok.eq(ntok), direct_tag.first.eq(w_first), direct_tag.last.eq(w_last),
@@ -418,16 +425,16 @@ class DecodeAttention(wiring.Component):
                     m.d.sync += [M[g].eq(-(1 << 31)) for g in range(G)]
                     m.d.sync += [L[g].eq(0) for g in range(G)]
                     m.d.comb += e_clear.eq(1)
-                    m.next = "SQ"
+                    go("SQ")
             with m.State("SQ"):
                 m.d.comb += [direct_valid.eq(1), direct_tag.sq.eq(1)]
-                m.next = "KMETA"
+                go("KMETA")
             with m.State("KMETA"):
                 m.d.comb += self.data.ready.eq(1)
                 with m.If(self.data.valid):
                     m.d.sync += [kmeta_reg.eq(self.data.payload), gl.eq(0), wi.eq(0)]
                     set_group(rem)
-                    m.next = "KCODE"
+                    go("KCODE")
             with m.State("KCODE"):
                 m.d.comb += [self.data.ready.eq(1), direct_valid.eq(self.data.valid)]
                 with m.If(self.data.valid):
@@ -445,7 +452,7 @@ class DecodeAttention(wiring.Component):
                             seg_first()
                             m.d.sync += [entry.eq(0), gl.eq(0), wi.eq(0), lb.eq(vlbs[0:2])]
                             set_group(count0)
-                            m.next = "VCODE"
+                            go("VCODE")
                         with m.Else():
                             seg_advance(True)
                     with m.Else():
@@ -476,29 +483,34 @@ class DecodeAttention(wiring.Component):
                     m.d.sync += head.eq(head + 1)
                     with m.If(head == G - 1):
                         m.d.comb += mac.o.ready.eq(1)
-                        m.next = "IDLE"
+                        go("IDLE")
 
-        # grp_done's next value: one candidate per controller event, both kept (events from registers, one
-        # layer), the events one-hot, so that its update is an AND-OR of two levels (the nested conditions
-        # came out of ABC as a chain of 7 LUTs)
-        in_k, in_v = fsm.ongoing("KCODE"), fsm.ongoing("VCODE")
-        code_acc = (in_k & self.data.valid) | (in_v & v_accept)
+        # grp_done's and rem_after's updates: one value per controller event, as kept AND-ORs
+        # (arith.select_update); the events kept once, one layer on registers and the decisions above
+        valid = self.data.valid
+        code_acc = (in_k & valid) | (in_v & v_accept)
+        ev = {name: kept(m, e, unsigned(1), "ev_" + name) for name, e in (
+            ("kmeta", fsm.ongoing("KMETA") & valid),            # a key group starts
+            ("word", code_acc & ~grp_done),                     # a word inside its group
+            ("grp", code_acc & grp_done & ~last_grp),           # a group ends, the segment goes on
+            ("kseg", in_k & valid & seg_next),                  # a segment ends, another follows
+            ("vseg", in_v & v_accept & seg_next),
+            ("end", code_acc & pass_end),                       # a pass ends
+            ("vm_last", fsm.ongoing("VMETA") & valid & vm_last),   # the value pass starts
+        )}
         seg_lb = lambda cur: cur[2:4] if NS > 1 else Const(0, 2)    # noqa: E731  (the next segment's width)
-        gd_cases = [   # (event, grp_done after it)
-            (fsm.ongoing("KMETA") & self.data.valid, gd_new_group(rem, lb)),                   # a key group
-            (code_acc & ~grp_done, gd_next_word),                                              # a word
-            (code_acc & grp_done & ~last_grp, gd_new_group(rem_after, lb)),                    # next group
-            (in_k & code_acc & seg_next, gd_new_group(cnt_next, seg_lb(cur_klb))),             # next segment
-            (in_v & code_acc & seg_next, gd_new_group(cnt_next, seg_lb(cur_vlb))),
-            (code_acc & pass_end, gd_new_group(count0, lb)),                                   # pass end
-            (fsm.ongoing("VMETA") & self.data.valid & vm_last, gd_new_group(count0, vlbs[0:2])),   # value pass
-        ]
-        evs = [kept(m, ev, unsigned(1), "gd_ev") for ev, _ in gd_cases]
-        cands = [kept(m, c, unsigned(1), "gd_c") for _, c in gd_cases]
-        parts = [kept(m, Cat(*[e & c for e, c in zip(evs[i:i + 3], cands[i:i + 3])]).any(), unsigned(1), "gd_p")
-                 for i in range(0, len(evs), 3)]
-        with m.If(kept(m, Cat(*evs).any(), unsigned(1), "gd_upd")):
-            m.d.sync += grp_done.eq(Cat(*parts).any())
+        select_update(m, grp_done, [
+            (ev["kmeta"], gd_new_group(rem, lb)), (ev["word"], gd_next_word),
+            (ev["grp"], gd_new_group(rem_after, lb)),
+            (ev["kseg"], gd_new_group(cnt_next, seg_lb(cur_klb))),
+            (ev["vseg"], gd_new_group(cnt_next, seg_lb(cur_vlb))),
+            (ev["end"], gd_new_group(count0, lb)), (ev["vm_last"], gd_new_group(count0, vlbs[0:2])),
+        ], "gd")
+        after = lambda r: Mux(r <= MPW, 0, r - MPW)        # noqa: E731  (rem_after of a group of r tokens)
+        select_update(m, rem_after, [
+            (ev["kmeta"], after(rem)), (ev["grp"], Mux(ra_le1, 0, ra_m1)), (ev["kseg"], after(cnt_next)),
+            (ev["vseg"], after(cnt_next)), (ev["end"], after(count0)), (ev["vm_last"], after(count0)),
+        ], "ra")
 
         # value-side read register stage (buffer data arrives one cycle after the address)
         m.d.sync += [r_valid.eq(v_in_valid), r_tag.gl.eq(gl), r_tag.lb.eq(lb), r_tag.ntok.eq(ntok),

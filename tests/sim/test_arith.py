@@ -1,10 +1,11 @@
 """The split shift/saturate helpers of hw/arith.py (amount registered one stage before the shift) against
 the golden model's shift_round / shift_round_saturate, in Amaranth's simulator (no Verilator build)."""
 import numpy as np
-from amaranth.hdl import Module, Signal, signed
+from amaranth.hdl import Module, Signal, signed, unsigned
 from amaranth.sim import Simulator
 
-from pmkvq_accel.hw.arith import reg, saturate, shift_amount, shift_round_by, shift_round_sat_by, shift_sat_ctl
+from pmkvq_accel.hw.arith import (reg, saturate, select_update, shift_amount, shift_round_by, shift_round_sat_by,
+                                  shift_sat_ctl)
 from pmkvq_accel.model.fixedpoint import shift_round, shift_round_saturate
 
 XBITS, KBITS, KMAX, LMAX, LIMIT, NOUT = 49, 19, 48, 2, 62, 27
@@ -63,6 +64,37 @@ def test_split_shift_helpers_match_golden():
             want = max(-(1 << 31) + 1, min((1 << 31) - 1, dv))
             if ctx.get(sat) != want:
                 bad.append(("sat", dv, ctx.get(sat), want))
+
+    sim.add_testbench(bench)
+    sim.run()
+    assert not bad, bad[:5]
+
+
+def test_select_update_takes_the_event_value_or_holds():
+    """arith.select_update (the controller's AND-OR register updates): with one event true the register
+    takes that event's value, with none it holds; 7 cases cover a partial last group of three."""
+    m = Module()
+    evs = [Signal(name=f"ev{i}") for i in range(7)]
+    vals = [Signal(unsigned(17), name=f"v{i}") for i in range(7)]
+    target = Signal(unsigned(17), init=5)
+    select_update(m, target, list(zip(evs, vals)))
+    rng = np.random.default_rng(5)
+    sim = Simulator(m)
+    sim.add_clock(1e-6)
+    bad = []
+
+    async def bench(ctx):
+        want = 5
+        for _ in range(300):
+            vs = [int(v) for v in rng.integers(0, 1 << 17, size=7)]
+            hot = int(rng.integers(-3, 7))          # < 0: no event
+            for i in range(7):
+                ctx.set(vals[i], vs[i])
+                ctx.set(evs[i], int(i == hot))
+            await ctx.tick()
+            want = vs[hot] if hot >= 0 else want
+            if ctx.get(target) != want:
+                bad.append((hot, ctx.get(target), want))
 
     sim.add_testbench(bench)
     sim.run()
