@@ -1,6 +1,7 @@
 """Build Verilog from the Amaranth blocks and run cocotb testbenches on Verilator (from pytest).
 
-One build directory per (design, parameters) under sim_build/, reused while hw/ sources are unchanged;
+One build directory per (design, parameters) under sim_build/, reused while its content key
+(`rtl_source_key`: every .py under hw/ and model/, the parameters and the build arguments) is unchanged;
 a file lock lets parallel pytest workers share it. ccache is used when it is on PATH.
 """
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HW_DIR = ROOT / "hw"
+MODEL_DIR = ROOT / "model"
 BUILD_ROOT = ROOT / "sim_build"
-# the datapath's sources (a change rebuilds the simulators); other hw/ files belong to other blocks
-HW_FILES = ("arith.py", "attention.py", "config.py", "score.py", "shrink.py", "softmax.py", "unpack.py",
-            "values.py")
+# every directory the RTL is elaborated from (hw/ imports model.formats, model.attention.EXP2_TABLE, ...)
+RTL_SOURCE_DIRS = (HW_DIR, MODEL_DIR)
 BUILD_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNOPTFLAT", "-O3",
               "--x-assign", "fast", "--x-initial", "fast"]
 
@@ -61,13 +62,32 @@ def _env_setup():
         os.environ.setdefault("OBJCACHE", "ccache")
 
 
-def _source_hash(extra: str, deps=None) -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in sorted(HW_DIR / f for f in (deps or HW_FILES)):
-        if p.exists():
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
+def rtl_source_files() -> list[Path]:
+    """Every source the RTL may read: all .py files under hw/ and model/, sorted by repository path."""
+    return sorted((p for d in RTL_SOURCE_DIRS for p in d.rglob("*.py") if "__pycache__" not in p.parts),
+                  key=lambda p: p.relative_to(ROOT).as_posix())
+
+
+def rtl_source_key(params: dict, build_args=None) -> str:
+    """THE content key of every RTL build cache (Verilator builds here, the fast kernel harness,
+    the Verilog/bitstream caches): sha256 over the repository path and bytes of every .py file under
+    hw/ and model/ (sorted), the canonical JSON of `params`, and the build arguments
+    (default `BUILD_ARGS`). Any change to a model/ constant (formats, EXP2_TABLE, ...) changes it."""
+    h = hashlib.sha256()
+    for p in rtl_source_files():
+        rel = p.relative_to(ROOT).as_posix().encode()
+        data = p.read_bytes()
+        h.update(b"F%d:%s%d:" % (len(rel), rel, len(data)))   # length-prefixed: no ambiguous joins
+        h.update(data)
+    h.update(b"P" + json.dumps(params, sort_keys=True, default=str).encode())
+    h.update(b"A" + json.dumps(list(BUILD_ARGS if build_args is None else build_args)).encode())
     return h.hexdigest()[:16]
+
+
+def _source_hash(extra: str, deps=None) -> str:
+    """Compatibility wrapper: `rtl_source_key` with `extra` as the parameter text.
+    `deps` is ignored (a hand-kept file list goes stale: every hw/ and model/ source is hashed)."""
+    return rtl_source_key({"extra": extra})
 
 
 @contextmanager
@@ -88,12 +108,13 @@ def design_key(name: str, params: dict) -> str:
 def build(name: str, factory, params: dict, toplevel: str = "top", deps=None) -> Path:
     """Elaborate `factory()` to Verilog and build it with Verilator (skipped when up to date).
 
-    `deps`: the hw/ files the design is made of (default: all datapath files)."""
+    Up to date means the stamp holds `rtl_source_key(params)` (all hw/ and model/ sources, the
+    parameters, the build arguments). `deps` is accepted for compatibility and ignored."""
     _env_setup()
     key = design_key(name, params)
     bdir = BUILD_ROOT / key
     stamp = bdir / "stamp"
-    want = _source_hash(json.dumps(params, sort_keys=True), deps)
+    want = rtl_source_key({"design": name, "toplevel": toplevel, "params": params})
     with _locked(BUILD_ROOT / f".{key}.lock"):
         if stamp.exists() and stamp.read_text() == want and (bdir / toplevel).exists():
             return bdir
