@@ -6,59 +6,14 @@ import numpy as np
 import pytest
 
 from pmkvq_accel.model import attention as A
-from pmkvq_accel.model.fixedpoint import bf16_fields
+from pmkvq_accel.model import formats as F
 from pmkvq_accel.model.quant import QuantizedKV, dequantize, quantize
+from numerics_spec import TERM_LIMIT, spec_partial
 
 BOUND = 1e-3  # max |out - ref| <= BOUND * max|V^|  (docs/numerics.md section 10)
 
 
-# ---- independent scalar implementation, written from docs/numerics.md with Python ints ----
-def rshr(x: int, k: int) -> int:
-    return (x + (1 << (k - 1))) >> k if k > 0 else x << -k
-
-
-def sat(x: int, n: int) -> int:
-    lim = (1 << n) - 1
-    return max(-lim, min(lim, x))
-
-
-def spec_partial(query: A.Query, keys, values):
-    kc = [(int(c), b.bits) for b in keys for c in range(b.tokens)]  # unused: clarity only
-    del kc
-    krows = [(b.codes[t].tolist(), b.bits, int(b.scale[t]), int(b.zero[t])) for b in keys for t in range(b.tokens)]
-    vrows = [(b.codes[t].tolist(), b.bits, int(b.scale[t]), int(b.zero[t])) for b in values for t in range(b.tokens)]
-    field = lambda bits: tuple(int(v[0]) for v in bf16_fields(np.array([bits], np.uint16)))
-    out = []
-    for g in range(query.codes.shape[0]):
-        Q = [int(v) for v in query.codes[g]]
-        eq, sq = int(query.exp[g]), sum(Q)
-        sc = []
-        for codes, _, s, z in krows:
-            (ms, xs), (mz, xz) = field(s), field(z)
-            d = sum(a * b for a, b in zip(Q, codes))
-            t1 = sat(rshr(ms * d, -(xs + eq + 16)), 47) if -(xs + eq + 16) > 0 else sat(ms * d * 2 ** (xs + eq + 16), 47)
-            t2 = sat(rshr(mz * sq, -(xz + eq + 16)), 47) if -(xz + eq + 16) > 0 else sat(mz * sq * 2 ** (xz + eq + 16), 47)
-            sc.append(sat(t1 - t2, 31))
-        M = max(sc)
-        table = [round(2 ** (32 - j / 256)) for j in range(257)]
-        ps = []
-        for s_ in sc:
-            x = M - s_
-            n, f = x >> 16, x & 0xFFFF
-            i, r = f >> 8, f & 0xFF
-            v = table[i] - (((table[i] - table[i + 1]) * r + 128) >> 8)
-            ps.append(rshr(v, min(n, 62)))
-        E = max(max(field(s)[1] + b, field(z)[1]) for _, b, s, z in vrows)
-        acc = [0] * len(vrows[0][0])
-        for p, (codes, b, s, z) in zip(ps, vrows):
-            (ms, xs), (mz, xz) = field(s), field(z)
-            W = rshr(p * ms, E + 14 - xs - b)
-            Z = rshr(p * mz, E - 2 - xz)
-            assert 0 <= W < 2**26 and abs(Z) < 2**42
-            for d, c in enumerate(codes):
-                acc[d] += W * (c << (16 - b)) - Z
-        out.append((M, sum(ps), acc, E))
-    return out
+# The independent scalar implementation of numerics.md (Python ints) lives in tests/numerics_spec.py.
 
 
 def make_blocks(x, widths):
@@ -228,3 +183,47 @@ def test_scores_saturate_beyond_range():
     q = A.quantize_query(np.array([[1e6, 0.0]]), 1.0)
     s = A.scores(q, [k])
     assert s[0, 0] == 2**31 - 1  # far beyond +-32768 log2 units: saturated, not wrapped
+
+
+def term_limit_keys(rng, tokens=400, hd=65, k_range=(5, 22)):
+    """Keys whose score terms T1, T2 are ~2^(k + 43) (both sides of 2^62) and cancel to |T1 - T2| < 2^31.
+
+    Q = [1, 32767, ...]; token t: scale 2^(xs+7) (m = 128), zero 2^(xs+22) (m = 128, xz = xs + 15), codes
+    [2^15 + delta, 2^15, ...], eq = 0 and xs = k - 16, so T2 = 2^(k+22) * sum(Q) and T1 = T2 + 2^(k+7) * delta."""
+    q = A.Query(np.array([[1] + [32767] * (hd - 1)], np.int64), np.array([0], np.int64))
+    k = np.concatenate([rng.integers(*k_range, size=tokens // 2), rng.integers(18, 22, size=tokens - tokens // 2)])
+    xs = k - 16
+    delta = rng.integers(-1, 2, size=tokens) * rng.integers(0, 1 << np.minimum(23 - k, 14).clip(1))
+    codes = np.full((tokens, hd), 1 << 15, np.int64)
+    codes[:, 0] += delta
+    scale = ((xs + F.BF16_EXP_BIAS) << 7).astype(np.uint16)        # m = 128, x = xs
+    zero = ((xs + 15 + F.BF16_EXP_BIAS) << 7).astype(np.uint16)    # m = 128, x = xs + 15
+    return q, QuantizedKV(codes.astype(np.uint16), scale, zero, 16)
+
+
+def test_score_terms_saturate_at_the_spec_limit():
+    """T1/T2 saturate at +-(2^62 - 1) (numerics.md 5): data with both terms below, straddling and above 2^62
+    while their exact difference stays within the score range, so 2^61 or 2^63 as the limit would differ."""
+    from collections import Counter
+    assert F.TERM_LIMIT_BITS == TERM_LIMIT == 62
+    q, kv = term_limit_keys(np.random.default_rng(62))
+    cov = Counter()
+    want = spec_partial(q, [kv], [kv], cov)
+    from numerics_spec import spec_scores
+    np.testing.assert_array_equal(A.scores(q, [kv]), np.array(spec_scores(q, [kv])))
+    part = A.attention_partial(q, [kv], [kv])
+    assert part.m[0] == want[0][0] and part.L[0] == want[0][1] and part.acc[0].tolist() == want[0][2]
+    # how the terms fell, recomputed exactly
+    d = kv.codes.astype(object) @ q.codes[0].astype(object)
+    ms, xs = (a.astype(object) for a in A.bf16_fields(kv.scale))
+    mz, xz = (a.astype(object) for a in A.bf16_fields(kv.zero))
+    t1 = [int(m * dd) << int(x + 16) for m, dd, x in zip(ms, d, xs)]
+    t2 = [int(m * int(q.codes[0].sum())) << int(x + 16) for m, x in zip(mz, xz)]
+    lim = 2**62
+    both = sum(a >= lim and b >= lim and a != b for a, b in zip(t1, t2))
+    one = sum((a >= lim) != (b >= lim) for a, b in zip(t1, t2))
+    near = sum(a < lim and b < lim and max(a, b) >= 2**61 and a != b for a, b in zip(t1, t2))
+    wide = sum(a < lim and b < lim and 2**47 <= max(a, b) for a, b in zip(t1, t2))
+    assert both >= 20 and near >= 20 and wide >= 100, (both, one, near, wide)
+    assert cov["T1_sat"] >= 20 and cov["T2_sat"] >= 20
+    assert all(abs(a - b) < 2**31 for a, b in zip(t1, t2))
