@@ -58,9 +58,12 @@ class CalibSettings:
     widths: tuple = (4, 2)
     seed: int = 0
     calib_text: str | None = None
+    rotation: str = "none"        # KV rotation (host/rotation.py) the search and the sensitivities quantise through
 
     def key(self, model_hash: str) -> str:
         d = asdict(self)
+        if d["rotation"] == "none":
+            del d["rotation"]     # keeps the artifact keys of runs made before the rotation existed
         d["widths"] = sorted(self.widths)
         d["model"] = model_hash
         d["v"] = 3   # bump when the default text or the artifact computation changes
@@ -171,10 +174,11 @@ def search_alpha(max_k, qkv, settings: CalibSettings, n_heads: int, grid=ALPHA_G
             mask = torch.arange(t)[None, :] <= qpos[:, None]
             qs = q[:, qpos]
             ref = _attn(qs, k, v, mask, group)
-            vq = fake_quant(v, bits, via16=True)
+            rot = settings.rotation
+            vq = fake_quant(v, bits, via16=True, rotation=rot)
             for i, a in enumerate(grid):
                 r = factors_for(max_k[l], a).float()[:, None, :]       # (n_kv, 1, hd)
-                kq = fake_quant(k / r, bits, via16=True) * r           # = what Q*r . Q(K/r) sees
+                kq = fake_quant(k / r, bits, via16=True, rotation=rot) * r   # = what Q*r . Q(K/r) sees
                 out = _attn(qs, kq, vq, mask, group)
                 err[i] += float(((out - ref) ** 2).mean())
         err /= max(len(qkv[l]), 1)
@@ -184,8 +188,9 @@ def search_alpha(max_k, qkv, settings: CalibSettings, n_heads: int, grid=ALPHA_G
     return alphas, mses
 
 
-def sensitivity(model, samples, pos, widths, desc="sensitivity"):
-    """S_K,l(b), S_V,l(b): mean over samples of mean |(Q_b(X) - X) * dL/dX| (one backward pass per sample)."""
+def sensitivity(model, samples, pos, widths, desc="sensitivity", rotation="none"):
+    """S_K,l(b), S_V,l(b): mean over samples of mean |(Q_b(X) - X) * dL/dX| (one backward pass per sample).
+    With a rotation, Q_b(X) = R^T Q_b(R X): the error the rotated cache makes, seen in the model's frame."""
     n_layers = _dims(model)[0]
     sk = np.zeros((n_layers, len(widths)))
     sv = np.zeros((n_layers, len(widths)))
@@ -206,8 +211,10 @@ def sensitivity(model, samples, pos, widths, desc="sensitivity"):
             for l, lay in enumerate(layers):           # pair each layer's K/V with its own gradient
                 k, v = lay.captured_k[0], lay.captured_v[0]
                 for j, b in enumerate(widths):
-                    sk[l, j] += float(((fake_quant(k, b, via16=True) - k.detach()) * k.grad).abs().mean())
-                    sv[l, j] += float(((fake_quant(v, b, via16=True) - v.detach()) * v.grad).abs().mean())
+                    kq = fake_quant(k, b, via16=True, rotation=rotation)
+                    vq = fake_quant(v, b, via16=True, rotation=rotation)
+                    sk[l, j] += float(((kq - k.detach()) * k.grad).abs().mean())
+                    sv[l, j] += float(((vq - v.detach()) * v.grad).abs().mean())
             del layers
     finally:
         hook.remove()
@@ -254,7 +261,7 @@ def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None 
             T.fold_factors(model, factors)
         t2 = time.time()
         widths = [8, 4, 2]                      # every width an allocation may choose from
-        sk, sv = sensitivity(model, samples, pos, widths)
+        sk, sv = sensitivity(model, samples, pos, widths, rotation=settings.rotation)
         secs["sensitivity"] = time.time() - t2
         art = Artifacts(factors=factors, alphas=alphas, alpha_mse=mses, max_abs_k=[m.float() for m in max_k],
                         sens_widths=widths, sens_k=sk, sens_v=sv, settings=asdict(settings), text_desc=desc,
@@ -303,10 +310,65 @@ def budget_from_args(args, cfg: CacheConfig, n_layers: int) -> tuple[float, str]
             f" at max_len {args.max_len}")
 
 
+WINDOW_CHOICES = (16, 32, 64, 128)   # multiples of 16 tokens: whole 512-bit words on the device (host/layout.py)
+
+
+def body_fraction(cfg: CacheConfig, max_len: int) -> float:
+    """Share of max_len tokens that end in the quantised body (the rest stay at 16 bits in sink and window)."""
+    return max(max_len - cfg.n_sink - cfg.window, 0) / max_len
+
+
+def choose_window(art: Artifacts, widths, cfg: CacheConfig, max_len: int, budget: float, separate_kv: bool,
+                  windows=WINDOW_CHOICES):
+    """The budget rule for the 16-bit window: for each candidate window size, the MILP allocation with the
+    sensitivities scaled by the share of tokens that sit in the body (the window's tokens make no quantisation
+    error); the window whose allocation has the lowest objective wins. Returns (cfg with that window,
+    Allocation, {window: objective or None when the budget cannot hold it})."""
+    from dataclasses import replace
+    sk, sv = sens_for(art, widths)
+    best, tried = None, {}
+    for w in windows:
+        c = replace(cfg, window=int(w))
+        f = body_fraction(c, max_len)
+        try:
+            a = allocate(sk * f, sv * f, widths, c, max_len, budget, separate_kv)
+        except AllocationError:
+            tried[int(w)] = None
+            continue
+        tried[int(w)] = a.objective
+        if best is None or a.objective < best[1].objective:
+            best = (c, a)
+    if best is None:
+        raise AllocationError(f"budget of {budget:.0f} bytes is too small for every window in {tuple(windows)}")
+    return best[0], best[1], tried
+
+
+# The default method ("best" in calib/evaluate.py; what `make calib` writes): PM-KVQ's progressive cache,
+# reparameterisation and positional interpolation, plus a Hadamard rotation of keys (after RoPE) and values,
+# separate key/value widths from {8, 4, 2}, and the 16-bit window sized under the budget (choose_window).
+BEST = {"rotation": "hadamard", "reparam": True, "widths": (8, 4, 2), "separate_kv": True, "windows": WINDOW_CHOICES}
+
+
+def best_settings(base: dict | None = None, **over) -> CalibSettings:
+    """CalibSettings of the default method over `base` (CalibSettings fields), with levers overridden."""
+    kw = dict(base or {})
+    kw.update(rotation=BEST["rotation"], reparam=BEST["reparam"])
+    kw.update(over)
+    return CalibSettings(**kw)
+
+
 def make_table(model, art: Artifacts, *, model_id, cfg: CacheConfig, max_len: int, budget: float, budget_src: str,
-               widths, separate_kv: bool, factors_rel: str | None, method: str = "milp"):
+               widths, separate_kv: bool, factors_rel: str | None, method: str = "milp", windows=None):
+    """windows: None keeps cfg.window; a list of candidate sizes lets choose_window pick one (the same for all
+    layers) under the budget."""
     n_layers = _dims(model)[0]
-    if method == "milp":
+    window_choice = None
+    if method == "milp" and windows:
+        cfg, alloc, tried = choose_window(art, widths, cfg, max_len, budget, separate_kv, windows)
+        kb_, vb_, obj = alloc.key_budgets, alloc.value_budgets, alloc.objective
+        window_choice = {"candidates": [int(w) for w in windows], "objective_by_window": tried,
+                         "chosen": cfg.window, "rule": "lowest MILP objective, sensitivities x body share"}
+    elif method == "milp":
         sk, sv = sens_for(art, widths)
         alloc = allocate(sk, sv, widths, cfg, max_len, budget, separate_kv)
         kb_, vb_, obj = alloc.key_budgets, alloc.value_budgets, alloc.objective
@@ -323,16 +385,18 @@ def make_table(model, art: Artifacts, *, model_id, cfg: CacheConfig, max_len: in
     calibration = {"text": art.text_desc, "n_samples": s["n_samples"], "seq_len": s["seq_len"],
                    "effective_len": s["effective_len"], "positional_interpolation": s["pos_interp"],
                    "reparameterisation": s["reparam"], "search_samples": s["search_samples"],
-                   "search_queries": s["search_queries"], "seed": s["seed"], "seconds": art.seconds}
+                   "search_queries": s["search_queries"], "seed": s["seed"], "seconds": art.seconds,
+                   "rotation": s.get("rotation", "none")}
     return T.build_table_dict(
         model, model_id=model_id, key_budgets=kb_, value_budgets=vb_, max_len=max_len, n_sink=cfg.n_sink,
         window=cfg.window, body_init_bits=cfg.body_init_bits, count_metadata=cfg.count_metadata,
         allocation={"method": method, "widths": sorted(widths, reverse=True), "separate_kv": separate_kv,
                     "budget_bytes": float(budget), "budget_bytes_per_token": float(budget) / max_len,
-                    "budget_source": budget_src, "objective": obj, "solver": "scipy.optimize.milp (HiGHS)"},
+                    "budget_source": budget_src, "objective": obj, "solver": "scipy.optimize.milp (HiGHS)",
+                    **({"window_choice": window_choice} if window_choice else {})},
         reparam=reparam, calibration=calibration,
         sensitivity={"widths": art.sens_widths, "key": art.sens_k.tolist(), "value": art.sens_v.tolist()},
-        alphas=art.alphas)
+        alphas=art.alphas, rotation=s.get("rotation", "none"))
 
 
 def parse_widths(s: str) -> tuple:

@@ -31,13 +31,17 @@ from tqdm.auto import tqdm
 from pmkvq_accel.calib import data as D
 from pmkvq_accel.calib import table as T
 from pmkvq_accel.calib.allocate import rtn_equivalent_bytes
-from pmkvq_accel.calib.calibrate import CalibSettings, _dims, make_table, run_calibration
+from pmkvq_accel.calib.allocate import AllocationError
+from pmkvq_accel.calib.calibrate import (BEST, WINDOW_CHOICES, CalibSettings, _dims, best_settings, make_table,
+                                         run_calibration)
 from pmkvq_accel.calib.quantsim import (FloatLayer, KIVILayer, ProgressiveLayer, RTNLayer, chunk_plan, kivi_bytes,
                                         make_cache)
 from pmkvq_accel.model.cache import CacheConfig
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_STEPS = ("rtn4", "kivi2", "pm", "pm+", "rtn8", "rtn2", "kivi4", "uniform", "noprog", "no-PI", "no-reparam")
+ALL_STEPS = ("rtn4", "kivi2", "best", "pm", "pm+", "rtn8", "rtn2", "kivi4", "uniform", "noprog", "no-PI", "no-reparam",
+             "rtn4-rot", "best-norot", "best-w128", "best-noreparam")
+BUDGET_NAMES = ("RTN-4", "KIVI-2", "3.3b")   # matched memories every PM-KVQ/best step runs at
 
 
 def _step(short: str) -> str:
@@ -93,13 +97,14 @@ def run_chunks(model, ids, layers, ref: Reference | None, desc: str, max_chunk: 
 
 def progressive_layers(table: dict, n_kv: int, hd: int, progressive: bool = True):
     c = table["cache"]
+    rot = c.get("rotation", "none")
     out = []
     for lb in table["layers"]:
         kc = CacheConfig(n_kv, hd, lb["n_sink"], lb["window"], c["body_init_bits"] if progressive else lb["key_bits"],
                          c["count_metadata"])
         vc = CacheConfig(n_kv, hd, lb["n_sink"], lb["window"],
                          c["body_init_bits"] if progressive else lb["value_bits"], c["count_metadata"])
-        out.append(ProgressiveLayer(kc, lb["key_budget_bytes"], vc, lb["value_budget_bytes"]))
+        out.append(ProgressiveLayer(kc, lb["key_budget_bytes"], vc, lb["value_budget_bytes"], rotation=rot))
     return out
 
 
@@ -207,10 +212,12 @@ def main(argv=None):
     cmd = "python calib/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = CacheConfig(n_kv, hd, args.n_sink, args.window, 16, True)
     budgets = {"RTN-4": rtn_equivalent_bytes(cfg, n_layers, 4, L, metadata=True),
-               "KIVI-2": n_layers * kivi_bytes(L, n_kv, hd, 2, args.kivi_group, args.window)}
+               "KIVI-2": n_layers * kivi_bytes(L, n_kv, hd, 2, args.kivi_group, args.window),
+               "3.3b": bits_budget(3.3, n_layers, n_kv, hd, L)}
     meta = {"command": cmd.strip(), "model": model_id, "eval_text": desc, "length": L, "kivi_group": args.kivi_group,
             "window": args.window, "n_sink": args.n_sink, "calibration_samples": args.samples,
-            "seq_len": args.seq_len, "effective_len": args.effective_len, "budgets_bytes": budgets}
+            "seq_len": args.seq_len, "effective_len": args.effective_len, "budgets_bytes": budgets,
+            "elements_per_token": 2 * n_layers * n_kv * hd}
 
     def write(final=False):
         """Results so far (written after every method, so a long run can be inspected while it goes)."""
@@ -222,11 +229,12 @@ def main(argv=None):
         kl_vs_bytes_plot(rows[1:], out / "kl_vs_bytes.png",
                          f"{model_id}, {L} tokens of {desc}: KL to float vs KV memory")
 
-    def rtn(b):
-        layers = [RTNLayer(b, n_kv, hd) for _ in range(n_layers)]
-        m = run_chunks(model, ids, layers, ref, f"RTN-{b}")
-        add(f"RTN per-token {b}-bit", f"RTN-{b}", "RTN", m, sum(x.memory_bytes(True) for x in layers),
-            sum(x.memory_bytes(False) for x in layers))
+    def rtn(b, rotation="none"):
+        layers = [RTNLayer(b, n_kv, hd, rotation=rotation) for _ in range(n_layers)]
+        tag = "" if rotation == "none" else f"-rot"
+        m = run_chunks(model, ids, layers, ref, f"RTN-{b}{tag}")
+        add(f"RTN per-token {b}-bit{'' if rotation == 'none' else ' + ' + rotation + ' rotation'}", f"RTN-{b}{tag}",
+            "RTN", m, sum(x.memory_bytes(True) for x in layers), sum(x.memory_bytes(False) for x in layers))
         write()
 
     def kivi(b):
@@ -260,6 +268,35 @@ def main(argv=None):
         return dict(model_id=model_id, cfg=cfg, max_len=L, budget=budgets[bname], budget_src=f"{bname} memory",
                     factors_rel=None)
 
+    def table_or_none(label, short, family, art_, **kwargs):
+        """make_table, or a row that says the budget cannot hold the configuration (None is returned)."""
+        try:
+            return make_table(model, art_, **kwargs)
+        except AllocationError as e:
+            print(f"  {label}: {e}")
+            rows.append({"method": label, "short": short, "family": family, "kl": float("nan"),
+                         "kl_last_quarter": float("nan"), "ppl": float("nan"), "top1": float("nan"),
+                         "bytes_per_token": None, "bytes_per_token_codes": None, "peak_bytes_per_token": None,
+                         "budget_bytes_per_token": kwargs["budget"] / L, "notes": f"does not fit: {e}"})
+            write()
+            return None
+
+    def best_step(step, label, **over):
+        """The default method (calib/calibrate.py BEST), or one lever of it switched off, at every budget."""
+        restore()
+        st = best_settings(base, **{k: v for k, v in over.items() if k in ("rotation", "reparam")})
+        art_b = run_calibration(model, tok, st, Path(args.cache_dir))
+        windows = over.get("windows", BEST["windows"])
+        for bname in budgets:
+            short = f"{step}@{bname}"
+            t = table_or_none(f"{label} @ {bname} budget", short, "best" if step == "best" else "ablation", art_b,
+                              widths=BEST["widths"], separate_kv=BEST["separate_kv"], windows=windows, **kw(bname))
+            if t is not None:
+                w = t["cache"]["window"]
+                run_pm(f"{label} @ {bname} budget", short, "best" if step == "best" else "ablation", t,
+                       notes=f"window {w}, rotation {t['cache'].get('rotation', 'none')}")
+        restore()
+
     # Most important comparisons first: matched-memory pairs, then the remaining baselines, then ablations.
     only = set(ALL_STEPS) if args.only is None else {x.strip() for x in args.only.split(",") if x.strip()}
     if only - set(ALL_STEPS):
@@ -270,16 +307,38 @@ def main(argv=None):
         rtn(4)
     if "kivi2" in only:
         kivi(2)
+    if "best" in only:
+        best_step("best", "best: PM-KVQ + Hadamard K/V rotation, {8,4,2} separate K/V, window by budget")
+    if "rtn4-rot" in only:
+        rtn(4, "hadamard")
+    if "best-norot" in only:
+        best_step("best-norot", "  ablation: best without rotation", rotation="none")
+    if "best-w128" in only:
+        best_step("best-w128", "  ablation: best with the fixed 128-token window", windows=None)
+    if "best-noreparam" in only:
+        best_step("best-noreparam", "  ablation: best without key reparameterisation", reparam=False)
     restore()
     art = run_calibration(model, tok, CalibSettings(**base), Path(args.cache_dir))
-    tables = {bname: make_table(model, art, widths=(4, 2), separate_kv=False, **kw(bname)) for bname in budgets}
+    tables = {}
+    for bname in budgets:
+        try:
+            tables[bname] = make_table(model, art, widths=(4, 2), separate_kv=False, **kw(bname))
+        except AllocationError:
+            tables[bname] = None
     if "pm" in only:
         for bname in budgets:
-            run_pm(f"PM-KVQ {{4,2}} @ {bname} budget", f"PM@{bname}", "PM-KVQ", tables[bname])
+            label = f"PM-KVQ {{4,2}} @ {bname} budget"
+            t = tables[bname] or table_or_none(label, f"PM@{bname}", "PM-KVQ", art, widths=(4, 2),
+                                               separate_kv=False, **kw(bname))
+            if t is not None:
+                run_pm(label, f"PM@{bname}", "PM-KVQ", t)
     if "pm+" in only:
         for bname in budgets:
-            t2 = make_table(model, art, widths=(8, 4, 2), separate_kv=True, **kw(bname))
-            run_pm(f"PM-KVQ {{8,4,2}} separate K/V @ {bname} budget", f"PM+@{bname}", "PM-KVQ", t2)
+            label = f"PM-KVQ {{8,4,2}} separate K/V @ {bname} budget"
+            t2 = table_or_none(label, f"PM+@{bname}", "PM-KVQ", art, widths=(8, 4, 2), separate_kv=True,
+                               **kw(bname))
+            if t2 is not None:
+                run_pm(label, f"PM+@{bname}", "PM-KVQ", t2)
     for b in (8, 2):
         if f"rtn{b}" in only:
             rtn(b)
@@ -289,7 +348,7 @@ def main(argv=None):
         if "uniform" in only:
             tu = make_table(model, art, widths=(4, 2), separate_kv=False, method="uniform-budget", **kw(bname))
             run_pm(f"  ablation: uniform budgets @ {bname}", f"uni@{bname}", "ablation", tu)
-        if "noprog" in only:
+        if "noprog" in only and tables[bname] is not None:
             run_pm(f"  ablation: no progressive @ {bname}", f"noprog@{bname}", "ablation", tables[bname],
                    progressive=False, notes="body at the final width from the start")
     for vname, extra in (("no-PI", {"pos_interp": False}), ("no-reparam", {"reparam": False})):
@@ -306,17 +365,24 @@ def main(argv=None):
           f"({time.time() - t0:.0f} s)")
 
 
+def bits_budget(bits_per_elt: float, n_layers: int, n_kv: int, hd: int, length: int) -> float:
+    """Bytes of `bits_per_elt` bits per stored K/V element, metadata included, for `length` tokens (all layers)."""
+    return 2 * n_layers * n_kv * hd * length * bits_per_elt / 8
+
+
 def results_markdown(rows, meta) -> str:
     lines = [f"Model {meta['model']}, {meta['length']} tokens of {meta['eval_text']}, teacher-forced. "
              f"Command: `{meta['command']}` ({meta['seconds']} s{'' if meta.get('complete') else ', INCOMPLETE'}).",
              "",
-             "| method | KV bytes/token (codes+scales/zeros) | codes only | budget | KL mean | KL last 25% | "
-             "perplexity | top-1 agree | notes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| method | KV bytes/token (codes+scales/zeros) | bits/elt (incl. metadata) | codes only | budget | "
+             "KL mean | KL last 25% | perplexity | top-1 agree | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    elts = meta.get("elements_per_token")
     for r in rows:
         def f(x, fmt):
             return "" if x is None else format(x, fmt)
-        lines.append(f"| {r['method'].strip()} | {f(r['bytes_per_token'], '.0f')} | "
+        bpe = None if (r["bytes_per_token"] is None or not elts) else 8 * r["bytes_per_token"] / elts
+        lines.append(f"| {r['method'].strip()} | {f(r['bytes_per_token'], '.0f')} | {f(bpe, '.2f')} | "
                      f"{f(r['bytes_per_token_codes'], '.0f')} | {f(r['budget_bytes_per_token'], '.0f')} | "
                      f"{r['kl']:.4f} | {r['kl_last_quarter']:.4f} | {r['ppl']:.3f} | {r['top1']:.4f} | "
                      f"{r['notes']} |")

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from pmkvq_accel.model.cache import (METADATA_BYTES_PER_TOKEN_HEAD, CacheConfig, ProgressiveStore,
                                      shrink_schedule)
+from pmkvq_accel.host.rotation import check_rotation, rotate
 from pmkvq_accel.model.quant import QuantizedKV, dequantize, quantize, shrink_to
 
 
@@ -35,25 +36,34 @@ def fake_quant_np(a: np.ndarray, bits: int, via16: bool = False) -> np.ndarray:
     return dequantize(q)
 
 
-def fake_quant(x: torch.Tensor, bits: int, via16: bool = False) -> torch.Tensor:
-    """fake_quant_np over the last dimension of a tensor of any shape (rows are independent)."""
+def fake_quant(x: torch.Tensor, bits: int, via16: bool = False, rotation: str = "none") -> torch.Tensor:
+    """fake_quant_np over the last dimension of a tensor of any shape (rows are independent). With a rotation
+    (host/rotation.py) the rows are rotated before quantisation and rotated back after dequantisation."""
     shape = x.shape
     a = x.detach().reshape(-1, shape[-1]).to(torch.float64).cpu().numpy()
-    out = fake_quant_np(a, bits, via16)
+    out = rotate(fake_quant_np(rotate(a, rotation), bits, via16), rotation, inverse=True)
     return torch.from_numpy(out).to(dtype=x.dtype, device=x.device).reshape(shape)
 
 
 class _KVLayer(DynamicLayer):
-    """Base: update() returns the full K/V attention must use; subclasses define _update."""
+    """Base: update() returns the full K/V attention must use; subclasses define _update.
 
-    def __init__(self, **kwargs):
+    rotation (host/rotation.py): the layer stores rotated keys/values (k @ H, v @ H) and hands attention the
+    stored K/V rotated back. That equals the device path (q @ H against the stored keys, output @ H^T) up to
+    float rounding, since H is orthogonal."""
+
+    def __init__(self, rotation: str = "none", **kwargs):
         super().__init__(**kwargs)
+        self.rotation = check_rotation(rotation)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self.values = self._update(key_states, value_states)
-        return self.keys, self.values
+        if self.rotation == "none":
+            self.keys, self.values = self._update(key_states, value_states)
+            return self.keys, self.values
+        self.keys, self.values = self._update(rotate(key_states, self.rotation), rotate(value_states, self.rotation))
+        return rotate(self.keys, self.rotation, inverse=True), rotate(self.values, self.rotation, inverse=True)
 
     def _update(self, k, v):
         return torch.cat([self.keys, k], dim=-2), torch.cat([self.values, v], dim=-2)
@@ -86,8 +96,8 @@ class CaptureLayer(_KVLayer):
 class RTNLayer(_KVLayer):
     """Round-to-nearest per token and head at a fixed width (no sink/window), through the golden quantizer."""
 
-    def __init__(self, bits: int, n_kv_heads: int, head_dim: int, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, bits: int, n_kv_heads: int, head_dim: int, rotation: str = "none", **kwargs):
+        super().__init__(rotation=rotation, **kwargs)
         self.bits, self.n_kv_heads, self.head_dim, self.tokens = bits, n_kv_heads, head_dim, 0
 
     def _update(self, k, v):
@@ -205,8 +215,8 @@ class ProgressiveLayer(_KVLayer):
     """The PM-KVQ progressive cache of one layer: keys and values each a ProgressiveStore with its budget."""
 
     def __init__(self, key_cfg: CacheConfig, key_budget: float, value_cfg: CacheConfig, value_budget: float,
-                 **kwargs):
-        super().__init__(**kwargs)
+                 rotation: str = "none", **kwargs):
+        super().__init__(rotation=rotation, **kwargs)
         self.kstore = ProgressiveStore(key_cfg, key_budget)
         self.vstore = ProgressiveStore(value_cfg, value_budget)
         self._km = [_DequantMirror() for _ in range(key_cfg.n_kv_heads)]

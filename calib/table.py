@@ -132,6 +132,7 @@ class BitWidthTable:
     reparam_alphas: tuple | None
     calibration: dict
     raw: dict = field(repr=False, compare=False, default_factory=dict)
+    rotation: str = "none"           # KV rotation applied on the host (host/rotation.py): "none" or "hadamard"
 
     @property
     def config_hash(self) -> str:
@@ -231,6 +232,9 @@ def validate_table_dict(data: dict, where: str = "table") -> None:
             if stored != [tuple(e) for e in sched]:
                 raise TableError(f"{where}: layer {lb['layer']} {kind}_schedule {stored} differs from the schedule "
                                  f"the cache derives from its budget {sched}")
+    if c.get("rotation", "none") == "hadamard" and m["head_dim"] & (m["head_dim"] - 1):
+        raise TableError(f"{where}: cache.rotation 'hadamard' needs a power-of-two head_dim, the table's model has "
+                         f"head_dim {m['head_dim']}")
     if data["reparam"] is not None and len(data["reparam"]["alphas"]) != len(layers):
         raise TableError(f"{where}: reparam.alphas has {len(data['reparam']['alphas'])} entries for "
                          f"{len(layers)} layers")
@@ -275,7 +279,8 @@ def table_from_dict(data: dict, path: Path | None = None, model_config=None) -> 
         path=path, model_id=m["id"], model=dict(m), n_sink=c["n_sink"], window=c["window"],
         body_init_bits=c["body_init_bits"], count_metadata=c["count_metadata"], max_len=c["max_len"], layers=layers,
         allocation=dict(data["allocation"]), reparam_path=reparam_path,
-        reparam_alphas=tuple(rp["alphas"]) if rp else None, calibration=dict(data["calibration"]), raw=data)
+        reparam_alphas=tuple(rp["alphas"]) if rp else None, calibration=dict(data["calibration"]), raw=data,
+        rotation=c.get("rotation", "none"))
     if model_config is not None:
         check_model(table, model_config)
     return table
@@ -318,7 +323,7 @@ def _num(x: float):
 def build_table_dict(model_or_config, *, model_id: str, key_budgets, value_budgets, max_len: int, n_sink: int = 1,
                      window: int = 128, body_init_bits: int = 16, count_metadata: bool = True,
                      allocation: dict | None = None, reparam: dict | None = None, calibration: dict | None = None,
-                     sensitivity: dict | None = None, alphas=None) -> dict:
+                     sensitivity: dict | None = None, alphas=None, rotation: str = "none") -> dict:
     """Assemble a valid table dict from per-layer byte budgets (widths and schedules are derived)."""
     fp = model_fingerprint(model_or_config)
     n_layers = fp["num_hidden_layers"]
@@ -353,7 +358,8 @@ def build_table_dict(model_or_config, *, model_id: str, key_budgets, value_budge
         "format": FORMAT, "version": VERSION, "created_by": "pmkvq_accel.calib",
         "model": {"id": model_id, "config_hash": config_hash(model_or_config), **fp},
         "cache": {"n_sink": n_sink, "window": window, "body_init_bits": body_init_bits,
-                  "count_metadata": count_metadata, "max_len": max_len},
+                  "count_metadata": count_metadata, "max_len": max_len,
+                  **({"rotation": rotation} if rotation != "none" else {})},
         "allocation": alloc, "reparam": reparam, "calibration": calibration or {}, "layers": layers,
     }
     if sensitivity is not None:

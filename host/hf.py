@@ -18,6 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from pmkvq_accel.calib.table import attention_modules
 
 from .kvcache import DeviceKVCache
+from .rotation import check_rotation, rotate
 
 ATTN_NAME = "pmkvq"
 
@@ -36,7 +37,8 @@ def pmkvq_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise ValueError(f"the accelerator decodes one sequence at a time (batch size 1), got batch {b}")
     scaling = module.scaling if scaling is None else scaling
     q = query[0, :, 0, :].detach().to("cpu", torch.float64).numpy()
-    out = kv.attention(module.layer_idx, q, float(scaling))
+    rot = getattr(kv, "rotation", "none")   # the cache holds k @ H, v @ H: send q @ H, rotate the output back
+    out = rotate(kv.attention(module.layer_idx, rotate(q, rot), float(scaling)), rot, inverse=True)
     return torch.from_numpy(out).to(query.device, query.dtype).view(1, 1, hq, hd), None
 
 
@@ -61,8 +63,9 @@ class DeviceCacheLayer(DynamicLayer):
         if key_states.shape[0] != 1:
             raise ValueError(f"the accelerator decodes one sequence at a time (batch size 1), got "
                              f"{key_states.shape[0]}")
-        self.kv.append(self.layer, key_states[0].detach().to("cpu", torch.float64).numpy(),
-                       value_states[0].detach().to("cpu", torch.float64).numpy())
+        rot = getattr(self.kv, "rotation", "none")   # the table's KV rotation (host/rotation.py), host side only
+        self.kv.append(self.layer, rotate(key_states[0].detach().to("cpu", torch.float64).numpy(), rot),
+                       rotate(value_states[0].detach().to("cpu", torch.float64).numpy(), rot))
         # Only the new tokens: a prefill attends over them in float, a decode step reads the device cache.
         return key_states, value_states
 
@@ -128,8 +131,11 @@ def model_geometry(model) -> tuple[int, int, int]:
 
 
 def kv_cache_for(model, table, device) -> DeviceKVCache:
+    """The device cache for a table; `kv.rotation` carries the table's KV rotation to the attention hook."""
     hkv, hd, g = model_geometry(model)
-    return DeviceKVCache.from_table(device, table, hkv, hd, g)
+    kv = DeviceKVCache.from_table(device, table, hkv, hd, g)
+    kv.rotation = check_rotation(getattr(table, "rotation", "none"))
+    return kv
 
 
 __all__ = ["DeviceCache", "DeviceCacheLayer", "accelerated", "pmkvq_attention", "kv_cache_for", "model_geometry",
