@@ -7,7 +7,7 @@ import random
 
 import cocotb
 from cocotb.clock import Clock
-from cocotb.triggers import RisingEdge
+from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
 
 
@@ -27,15 +27,19 @@ def pause_gen(rng: random.Random, prob: float):
     return (rng.random() < prob for _ in itertools.count())
 
 
+CLOCK_NS = 4
+
+
 class TB:
     """Owns the clock, the reset and one source/sink per stream port."""
 
     def __init__(self, dut, sources=(), sinks=(), seed=0):
         self.dut = dut
+        self.clock_ns = CLOCK_NS
         self.rng = random.Random(seed)
         for name in ("cocotb.top", "cocotb"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        cocotb.start_soon(Clock(dut.clk, 4, unit="ns").start())
+        cocotb.start_soon(Clock(dut.clk, self.clock_ns, unit="ns").start())
         self.src = {n: AxiStreamSource(StreamBus(dut, n), dut.clk, dut.rst, byte_lanes=1) for n in sources}
         self.snk = {n: AxiStreamSink(StreamBus(dut, n), dut.clk, dut.rst, byte_lanes=1) for n in sinks}
         for x in list(self.src.values()) + list(self.snk.values()):
@@ -58,12 +62,23 @@ class TB:
         await self.src[name].send(AxiStreamFrame(tdata=[int(x) for x in items]))
 
     async def recv(self, name, n, timeout_cycles=1_000_000):
+        """The next `n` frames of sink `name`, their data concatenated. Fails (AssertionError) when they
+        have not all arrived within `timeout_cycles` clock cycles (None: wait for ever)."""
         out = []
         sink = self.snk[name]
-        for _ in range(n):
-            frame = await sink.recv()
-            out.extend(frame.tdata)
-        return out
+
+        async def collect():
+            for _ in range(n):
+                frame = await sink.recv()
+                out.extend(frame.tdata)
+            return out
+        if timeout_cycles is None:
+            return await collect()
+        try:
+            return await with_timeout(collect(), timeout_cycles * self.clock_ns, "ns")
+        except SimTimeoutError:
+            raise AssertionError(f"stream {name!r}: {len(out)} items after {timeout_cycles} cycles, "
+                                 f"waiting for {n} frames") from None
 
 
 STALL_PATTERNS = [(0.0, 0.0), (0.3, 0.0), (0.0, 0.5), (0.25, 0.4)]

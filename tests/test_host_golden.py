@@ -24,10 +24,25 @@ def test_unpack_rows_matches_unpack_codes(bits):
     assert np.array_equal(out, codes.astype(np.float64) * 2 ** (16 - bits))
 
 
+def doc_registers():
+    """name -> offset of the argument/status registers in docs/kernel-interface.md section 2's table."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "docs" / "kernel-interface.md").read_text()
+    table = text[text.index("## 2. Registers"):text.index("## 3.")]
+    rows = re.findall(r"^\| (0x[0-9A-Fa-f]+)\S* \| (\w+) \|", table, re.M)
+    return {name: int(off, 16) for off, name in rows if int(off, 16) >= 0x10}
+
+
 def test_register_map_contract():
-    offs = [L.REGS[n] for n in L.REGS]
-    assert offs == sorted(offs) and offs[0] == 0x10
-    assert all(b - a == 8 for a, b in zip(offs, offs[1:]))  # 8-byte spacing, no gaps, status in the map
+    offs = list(L.REGS.values())
+    # offsets are unique, 8 bytes apart from 0x10 with no gaps (status included), whatever the dict order
+    assert len(set(offs)) == len(offs) and "status" in L.REGS
+    assert sorted(offs) == list(range(0x10, 0x10 + 8 * len(offs), 8))
+    # and they are the documented ones (the host's copy of the contract against the interface document)
+    doc = doc_registers()
+    assert {n: doc.get(n) for n in L.REGS} == L.REGS
+    assert set(doc) - set(L.REGS) <= {"debug"}, set(doc) - set(L.REGS)
     assert L.query_dtype(64).itemsize == 192 and L.partial_dtype(64).itemsize == 576
     assert L.query_dtype(64).itemsize % L.WORD_BYTES == 0 and L.partial_dtype(128).itemsize % L.WORD_BYTES == 0
 
