@@ -423,8 +423,13 @@ def build_parser():
     p.add_argument("--search-samples", type=int, default=1, help="samples used by the alpha search")
     p.add_argument("--search-queries", type=int, default=256, help="query positions (the last ones) per search sample")
     p.add_argument("--search-bits", type=int, default=4, choices=[8, 4, 2])
-    p.add_argument("--widths", type=parse_widths, default=(4, 2), help="allocation widths, e.g. 4,2 or 8,4,2")
-    p.add_argument("--separate-kv", action="store_true", help="separate key and value widths per layer")
+    p.add_argument("--rotation", default=BEST["rotation"], choices=["none", "hadamard"],
+                   help="KV rotation per head, applied on the host (default hadamard; none = the paper's method)")
+    p.add_argument("--widths", type=parse_widths, default=BEST["widths"],
+                   help="allocation widths, e.g. 4,2 (the paper) or 8,4,2 (default)")
+    p.add_argument("--separate-kv", action="store_true", default=BEST["separate_kv"],
+                   help="separate key and value widths per layer (default)")
+    p.add_argument("--tied-kv", dest="separate_kv", action="store_false", help="one width per layer for K and V")
     p.add_argument("--max-len", type=int, default=8192, help="context length the budget is for")
     p.add_argument("--budget-bytes-per-token", type=float, default=None,
                    help="total KV bytes per token of context (all layers, K+V) at max_len")
@@ -434,7 +439,8 @@ def build_parser():
     p.add_argument("--codes-only", action="store_true",
                    help="charge only codes against the budget (the paper's accounting); default counts scales/zeros")
     p.add_argument("--n-sink", type=int, default=1)
-    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--window", type=int, default=None,
+                   help=f"fixed 16-bit window (tokens); default: chosen under the budget from {WINDOW_CHOICES}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="table path (default calib/tables/<model-id>.json)")
     p.add_argument("--plots", default=str(DEFAULT_OUT), help="folder for PNG plots (default out/calib)")
@@ -455,8 +461,10 @@ def main(argv=None):
     settings = CalibSettings(n_samples=args.samples, seq_len=args.seq_len, effective_len=args.effective_len,
                              pos_interp=not args.no_pos_interp, reparam=not args.no_reparam,
                              search_samples=args.search_samples, search_queries=args.search_queries,
-                             search_bits=args.search_bits, seed=args.seed, calib_text=args.calib_text)
-    cfg = CacheConfig(n_kv, hd, args.n_sink, args.window, 16, not args.codes_only)
+                             search_bits=args.search_bits, seed=args.seed, calib_text=args.calib_text,
+                             rotation=args.rotation)
+    windows = None if args.window is not None else WINDOW_CHOICES
+    cfg = CacheConfig(n_kv, hd, args.n_sink, args.window or min(WINDOW_CHOICES), 16, not args.codes_only)
     budget, src = budget_from_args(args, cfg, n_layers)
     out = Path(args.out) if args.out else T.default_table_path(model_id)
     need = 2 * n_layers * budget_for_width(cfg, min(args.widths), args.max_len)
@@ -472,7 +480,8 @@ def main(argv=None):
         factors_rel = fpath.name
     try:
         data = make_table(model, art, model_id=model_id, cfg=cfg, max_len=args.max_len, budget=budget,
-                          budget_src=src, widths=args.widths, separate_kv=args.separate_kv, factors_rel=factors_rel)
+                          budget_src=src, widths=args.widths, separate_kv=args.separate_kv, factors_rel=factors_rel,
+                          windows=windows)
     except AllocationError as e:
         raise SystemExit(f"error: {e}")
     data["created_by"] = "calib/calibrate.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -484,7 +493,8 @@ def main(argv=None):
           f"{args.max_len}; {src})")
     print(f"  used: codes only {a['used_bytes_codes_only'] / 2**20:.2f} MiB, codes + scales/zeros "
           f"{a['used_bytes_with_metadata'] / 2**20:.2f} MiB")
-    print(f"  key bits   {table.key_bits}\n  value bits {table.value_bits}")
+    print(f"  key bits   {table.key_bits}\n  value bits {table.value_bits}\n  window {table.window}, sink "
+          f"{table.n_sink}, rotation {table.rotation}")
     if art.alphas:
         print(f"  alphas     {art.alphas}")
     from pmkvq_accel.calib import plots

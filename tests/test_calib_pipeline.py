@@ -168,3 +168,75 @@ def test_chunked_equals_token_by_token(kind):
         assert ch_layers[0].peak_bytes[True] <= ch_layers[0].kstore.budget + ch_layers[0].vstore.budget
     if kind == "kivi":
         assert ch_layers[0].memory_bytes(True) == kivi_bytes(56, n_kv, hd, 2, 4, 8)
+
+
+def test_rotated_progressive_chunked_equals_token_by_token():
+    """The rotated progressive cache (the default method's) is also exact per query under the chunk plan."""
+    model = tiny_llama()
+    ids = _forward_sample(model, 56, seed=4)
+    cfg = CacheConfig(2, 16, 1, 6)
+    kb, vb = budget_for_width(cfg, 2, 56), budget_for_width(cfg, 4, 56)
+
+    def layers():
+        return [ProgressiveLayer(cfg, kb, cfg, vb, rotation="hadamard") for _ in range(3)]
+
+    a = _logits_stepwise(model, ids, layers())
+    b = _logits_chunked(model, ids, layers())
+    assert torch.allclose(a, b, atol=2e-4), (a - b).abs().max()
+    plain = _logits_chunked(model, ids, [ProgressiveLayer(cfg, kb, cfg, vb) for _ in range(3)])
+    assert not torch.allclose(plain, b, atol=2e-4)   # the rotation changes what is quantised
+
+
+def test_sensitivity_goes_through_the_rotation():
+    model = tiny_llama(num_hidden_layers=2)
+    ids = [_forward_sample(model)]
+    s0 = C.sensitivity(model, ids, torch.arange(48), [4, 2])
+    s1 = C.sensitivity(model, ids, torch.arange(48), [4, 2], rotation="hadamard")
+    assert not np.allclose(s0[0], s1[0]) and np.all(s1[0] > 0)
+
+
+def _art(n_layers=3, widths=(8, 4, 2)):
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.5, 2.0, size=(n_layers, 1))
+    sk = base * np.array([[0.01, 1.0, 20.0]])[:, :len(widths)]
+    return C.Artifacts(factors=None, alphas=None, alpha_mse=None, max_abs_k=[], sens_widths=list(widths),
+                       sens_k=sk, sens_v=sk * 0.5)
+
+
+def test_window_rule_picks_the_window_that_lets_the_body_be_wider():
+    """Tight budget: a 128-token window forces 2-bit bodies, a 16-token window affords 4 bits -> 16 wins.
+    Generous budget: the widths do not change with the window, so the larger window (fewer body tokens) wins."""
+    cfg = CacheConfig(2, 64, 1, 16)
+    L, n = 1024, 3
+    art = _art(n)
+    tight = n * 2 * budget_for_width(cfg, 4, L)            # every layer 4/4 with a 16-token window, no more
+    c, a, tried = C.choose_window(art, (8, 4, 2), cfg, L, tight, True)
+    assert c.window == 16 and a.key_bits == [4] * n and a.value_bits == [4] * n
+    c128 = CacheConfig(2, 64, 1, 128)
+    assert n * 2 * budget_for_width(c128, 4, L) > tight      # 4/4 does not fit with the 128-token window
+    assert set(tried) == set(C.WINDOW_CHOICES) and tried[16] == min(v for v in tried.values() if v is not None)
+    big = n * 2 * budget_for_width(c128, 8, L)
+    c, a, _ = C.choose_window(art, (8, 4, 2), cfg, L, big, True)
+    assert c.window == 128 and a.key_bits == [8] * n
+    with pytest.raises(AllocationError):
+        C.choose_window(art, (8, 4, 2), cfg, L, n * 2 * budget_for_width(cfg, 2, L) * 0.9, True)
+
+
+def test_best_table_records_rotation_and_window(tmp_path):
+    from pmkvq_accel.calib import table as T
+    model = tiny_llama()
+    fp = T.model_fingerprint(model)
+    cfg = CacheConfig(fp["num_key_value_heads"], fp["head_dim"], 1, 32)
+    L = 512
+    art = _art(3)
+    art.settings = {**C.best_settings().__dict__, "rotation": "hadamard"}
+    art.text_desc = "x"
+    d = C.make_table(model, art, model_id="tiny", cfg=cfg, max_len=L, budget=6 * budget_for_width(cfg, 4, L),
+                     budget_src="test", widths=C.BEST["widths"], separate_kv=True, factors_rel=None,
+                     windows=(32, 64, 128))
+    assert d["cache"]["rotation"] == "hadamard" and d["cache"]["window"] in (32, 64, 128)
+    assert d["allocation"]["window_choice"]["chosen"] == d["cache"]["window"]
+    assert all(lb["window"] == d["cache"]["window"] for lb in d["layers"])
+    T.save_table(d, tmp_path / "t.json")
+    t = T.load_table(tmp_path / "t.json", model.config)
+    assert t.rotation == "hadamard" and t.window == d["cache"]["window"]
