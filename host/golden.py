@@ -19,7 +19,7 @@ from pmkvq_accel.model.formats import (ACC_UNIT_OFFSET, MAX_PARTIAL_TOKENS, P_FR
 from pmkvq_accel.model.quant import (QuantizedKV, pack_codes, pack_metadata, shrink, unpack_codes,
                                      unpack_metadata)
 
-from . import layout as L
+from pmkvq_accel.hw import regmap as L
 
 
 class KernelFault(Exception):
@@ -48,38 +48,8 @@ def head_rows(mem, address: int, stride: int, n_heads: int, nbytes: int) -> np.n
     return np.ndarray((n_heads, nbytes), np.uint8, buffer=flat, strides=(stride, 1))
 
 
-def _lut(bits: int) -> np.ndarray:
-    per = 8 // bits
-    b = np.arange(256, dtype=np.uint16)[:, None]
-    return (b >> (np.arange(per, dtype=np.uint16) * bits)) & ((1 << bits) - 1)
-
-
-_LUTS = {b: _lut(b) for b in (4, 2)}
-
-
-def unpack_rows(rows: np.ndarray, bits: int, tokens: int, head_dim: int, out=None, msb: bool = False):
-    """Codes (n_heads, tokens, head_dim) from packed rows (n_heads, >= bytes of the block).
-    Returns uint16 codes, or writes them into the float64 array `out` (MSB-aligned to 16 bits if msb)."""
-    n = tokens * head_dim
-    h = rows.shape[0]
-    if bits == 16:  # each row is contiguous, so it can be reinterpreted in place
-        codes = rows[:, :2 * n].view("<u2").reshape(h, tokens, head_dim)
-    elif bits == 8:
-        codes = rows[:, :n].reshape(h, tokens, head_dim)
-    else:
-        per = 8 // bits
-        lut = _LUTS[bits] if out is None else _LUTS_F64[bits, msb]
-        codes = lut[rows[:, :-(-n // per)]].reshape(h, -1)[:, :n].reshape(h, tokens, head_dim)
-        if out is not None:
-            out[...] = codes
-            return out
-    if out is None:
-        return codes.astype(np.uint16)
-    np.multiply(codes, float(1 << (16 - bits)) if msb else 1.0, out=out)
-    return out
-
-
-_LUTS_F64 = {(b, msb): _LUTS[b] * float(1 << (16 - b) if msb else 1) for b in (4, 2) for msb in (False, True)}
+# the one unpacker (packed rows of H heads -> codes) is model.quant.unpack_rows
+from pmkvq_accel.model.quant import unpack_rows  # noqa: E402  (re-exported)
 
 
 def read_meta(mem, address: int, stride: int, n_heads: int, tokens: int):
@@ -89,78 +59,41 @@ def read_meta(mem, address: int, stride: int, n_heads: int, tokens: int):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The datapath, vectorised over KV heads (same integer arithmetic as model.attention.attention_partial)
+# The datapath, vectorised over KV heads: defined once, in model/ (model.attention.attention_partials is
+# the arithmetic of model.attention.attention_partial for H heads, on packed segments straight from memory)
 
-CHUNK_TOKENS = 256  # codes are decoded to float64 a chunk at a time, so the matmuls read them from cache
-
-
-def iter_chunks(segments, head_dim: int, msb: bool, chunk: int | None = None):
-    """Decode packed code segments [(rows (H, bytes) uint8, bits, tokens)] in token order, a chunk at a time:
-    yields (first token, float64 codes (H, m, head_dim)); the array is reused between chunks."""
-    chunk = chunk or CHUNK_TOKENS
-    lo, scratch = 0, None
-    for rows, bits, n in segments:
-        per_token = head_dim * bits // 8  # whole bytes: head_dim is a multiple of 32
-        for t0 in range(0, n, chunk):
-            m = min(chunk, n - t0)
-            if scratch is None:
-                scratch = np.empty((rows.shape[0], chunk, head_dim))
-            yield lo + t0, unpack_rows(rows[:, t0 * per_token:(t0 + m) * per_token], bits, m, head_dim,
-                                       out=scratch[:, :m], msb=msb)
-        lo += n
-
-
-def attention_partials(qcodes, qexp, ksegs, kbits, kscale, kzero, vsegs, vbits, vscale, vzero):
-    """Partials for H KV heads at once (the integer arithmetic of model.attention.attention_partial).
-    qcodes (H, G, hd) int, qexp (H, G); ksegs/vsegs: packed code segments in token order
-    [(rows (H, bytes) uint8, bits, tokens)]; kbits/vbits (T,) width of each token; scale/zero (H, T) bf16
-    patterns. Returns m (H, G), L (H, G), acc (H, G, hd) int64, E (H,) int64."""
-    H, G, hd = qcodes.shape
-    qf = qcodes.astype(np.float64)
-    df = np.empty((H, G, kbits.size))
-    for lo, c in iter_chunks(ksegs, hd, msb=False):  # exact: |D| < 2^38
-        np.matmul(qf, c.transpose(0, 2, 1), out=df[:, :, lo:lo + c.shape[1]])
-    d = df.astype(np.int64)
-    sq = qcodes.astype(np.int64).sum(axis=2)[:, :, None]
-    ms, xs = bf16_fields(kscale)
-    mz, xz = bf16_fields(kzero)
-    eq = qexp.astype(np.int64)[:, :, None]
-    t1 = shift_round_saturate(ms[:, None, :] * d, -(xs[:, None, :] + eq + SCORE_FRAC), TERM_LIMIT_BITS)
-    t2 = shift_round_saturate(mz[:, None, :] * sq, -(xz[:, None, :] + eq + SCORE_FRAC), TERM_LIMIT_BITS)
-    lim = (1 << (SCORE_BITS - 1)) - 1
-    s = np.clip(t1 - t2, -lim, lim)
-    m = s.max(axis=2)
-    p = exp2_neg(m[:, :, None] - s)
-    vms, vxs = bf16_fields(vscale)
-    vmz, vxz = bf16_fields(vzero)
-    if np.any(vms <= 0):
-        raise KernelFault(L.STATUS_BAD_DATA, "value scales must be positive")
-    vb = np.asarray(vbits, np.int64)[None, :]
-    E = np.max(np.maximum(vxs + vb, vxz), axis=1)                          # (H,)
-    Eb = E[:, None, None]
-    w = shift_round(p * vms[:, None, :], Eb - ACC_UNIT_OFFSET + 48 - (vxs + vb)[:, None, :])
-    z = shift_round(p * vmz[:, None, :], Eb - ACC_UNIT_OFFSET + P_FRAC - vxz[:, None, :])
-    # sum_t W_t * c16_t exactly: a chunk of <= 256 tokens sums below 2^8 * 2^26 * 2^16 = 2^50 < 2^53.
-    wf = w.astype(np.float64)
-    acc = np.zeros((H, G, hd), np.int64)
-    for lo, c in iter_chunks(vsegs, hd, msb=True):
-        acc += np.matmul(wf[:, :, lo:lo + c.shape[1]], c).astype(np.int64)
-    return m, p.sum(axis=2), acc - z.sum(axis=2)[:, :, None], E
+from pmkvq_accel.model.attention import CHUNK_TOKENS, attention_partials, iter_chunks  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------------------
 # One launch
 
 class GoldenKernel:
-    """Executes launches against `mem` (an object with view(address, nbytes) -> uint8 array view).
-    head_dim / group: the kernel's synthesis parameters (None accepts any valid value)."""
+    """Executes launches against `mem` (an object with view(address, nbytes) -> uint8 array view), engine by
+    engine, each over its own buffer and token slice, as the RTL's engines do.
+    head_dim / group: the kernel's synthesis parameters (None accepts any valid value); engines: its engine
+    count (the number of per-engine register sets it reads)."""
 
-    def __init__(self, mem, head_dim: int | None = None, group: int | None = None, reference: bool = False):
+    def __init__(self, mem, head_dim: int | None = None, group: int | None = None, reference: bool = False,
+                 engines: int = 1):
         self.mem = mem
-        self.head_dim, self.group = head_dim, group
+        self.head_dim, self.group, self.engines = head_dim, group, int(engines)
+        L.all_args(self.engines)  # validates the engine count
         self.reference = reference
         self.launches = {name: 0 for name in L.OP_NAMES.values()}
         self.last_fault = None
+
+    @staticmethod
+    def _engine_view(arg, e: int):
+        """Engine e's view of the registers: its own counts, and its buffer base added to every region offset."""
+        base = arg(L.engine_arg(e, "base"))
+        regions = ("k_codes", "v_codes", "k_meta", "v_meta", "query", "partial")
+
+        def view(name):
+            if name in L.ENGINE_ARGS:
+                return arg(L.engine_arg(e, name))
+            return base + arg(name) if name in regions else arg(name)
+        return view
 
     def execute(self, arg) -> int:
         """Run one launch; `arg(name)` reads an argument register (64-bit ones already combined).
@@ -169,16 +102,33 @@ class GoldenKernel:
             op = arg("op")
             if op not in L.OP_NAMES:
                 raise KernelFault(L.STATUS_BAD_OP, f"op {op}")
+            if op != L.OP_ATTENTION:
+                self._kind(arg)
             hd = arg("head_dim")
             if hd == 0 or hd * 16 % L.WORD_BITS or (self.head_dim is not None and hd != self.head_dim):
                 raise KernelFault(L.STATUS_BAD_HEAD_DIM, f"head_dim {hd} (kernel HEAD_DIM {self.head_dim})")
-            if arg("n_heads") < 1:
-                raise KernelFault(L.STATUS_BAD_TOKENS, "n_heads is 0")
-            for name in ("k_window_off", "k_body_off", "v_window_off", "v_body_off", "k_codes_stride",
-                         "v_codes_stride", "meta_stride", "meta_window_off", "meta_body_off", *L.ADDRESS_REGS):
+            if op == L.OP_ATTENTION:
+                G = arg("group")
+                if not 1 <= G <= L.MAX_GROUP or (self.group is not None and G != self.group):
+                    raise KernelFault(L.STATUS_BAD_GROUP, f"group {G} (kernel G {self.group})")
+                self._bits(arg, "k"), self._bits(arg, "v")
+            else:
+                k = self._kind(arg)
+                if self._bits(arg, k) == 2 and op == L.OP_SHRINK:
+                    raise KernelFault(L.STATUS_BAD_BITS, "cannot shrink 2-bit codes")
+            views = [self._engine_view(arg, e) for e in range(self.engines)]
+            acts = {L.OP_ATTENTION: lambda a: a("n_sink") + a("n_body") + a("n_window"),
+                    L.OP_SHRINK: lambda a: a("n_body"), L.OP_COPY: lambda a: a("n_window")}[op]
+            tokens = [acts(a) for a in views]
+            if arg("n_heads") < 1 or not any(tokens) or max(tokens) > MAX_PARTIAL_TOKENS:
+                raise KernelFault(L.STATUS_BAD_TOKENS, f"{arg('n_heads')} heads, tokens per engine {tokens}")
+            for name in L.aligned_args(self.engines):
                 if arg(name) % L.WORD_BYTES:
                     raise AddressError(f"{name} = {arg(name):#x} is not {L.WORD_BYTES}-byte aligned")
-            {L.OP_ATTENTION: self._attention, L.OP_SHRINK: self._shrink, L.OP_COPY: self._copy}[op](arg, hd)
+            run = {L.OP_ATTENTION: self._attention, L.OP_SHRINK: self._shrink, L.OP_COPY: self._copy}[op]
+            for view, n in zip(views, tokens):
+                if n:
+                    run(view, hd)
             self.launches[L.OP_NAMES[op]] += 1
             return L.STATUS_OK
         except KernelFault as fault:
@@ -227,11 +177,6 @@ class GoldenKernel:
     # -- ops ------------------------------------------------------------------------------------------------
     def _attention(self, arg, hd):
         H, G = arg("n_heads"), arg("group")
-        if not 1 <= G <= L.MAX_GROUP or (self.group is not None and G != self.group):
-            raise KernelFault(L.STATUS_BAD_GROUP, f"group {G} (kernel G {self.group})")
-        T = arg("n_sink") + arg("n_body") + arg("n_window")
-        if not 1 <= T <= MAX_PARTIAL_TOKENS:
-            raise KernelFault(L.STATUS_BAD_TOKENS, f"{T} tokens")
         qdt, pdt = L.query_dtype(hd), L.partial_dtype(hd)
         q = self.mem.view(arg("query"), H * G * qdt.itemsize).view(qdt).reshape(H, G)
         out = self.mem.view(arg("partial"), H * G * pdt.itemsize).view(pdt).reshape(H, G)
@@ -266,10 +211,6 @@ class GoldenKernel:
         (codes rewritten as whole zero-padded words, scales rewritten, zeros kept)."""
         k = self._kind(arg)
         bits, n = self._bits(arg, k), arg("n_body")
-        if bits == 2:
-            raise KernelFault(L.STATUS_BAD_BITS, "cannot shrink 2-bit codes")
-        if n < 1:
-            raise KernelFault(L.STATUS_BAD_TOKENS, "SHRINK of an empty block")
         codes, meta = self._regions(arg, k, n, bits, hd, arg(f"{k}_body_off"), arg("meta_body_off"))
         dst = codes[:, :L.codes_bytes(n, hd, bits // 2)]
         for h in range(arg("n_heads")):
@@ -283,8 +224,6 @@ class GoldenKernel:
         copied, codes and metadata as whole words, to {k,v}_body_off / meta_body_off."""
         k = self._kind(arg)
         bits, n = self._bits(arg, k), arg("n_window")
-        if n < 1:
-            raise KernelFault(L.STATUS_BAD_TOKENS, "COPY of an empty block")
         src = self._regions(arg, k, n, bits, hd, arg(f"{k}_window_off"), arg("meta_window_off"))
         dst = self._regions(arg, k, n, bits, hd, arg(f"{k}_body_off"), arg("meta_body_off"))
         for a, b in zip(src, dst):

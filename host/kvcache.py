@@ -1,11 +1,19 @@
-"""The host's KV cache manager: PM-KVQ progressive semantics on device memory.
+"""The host's KV cache manager: PM-KVQ progressive semantics on device memory, striped across the engines.
 
 Decisions (which tokens go to the sink, the window or the body; when a window moves into the body; when a body
 shrinks) come from the reference accounting in model/cache.py (Occupancy and its advance step), so the device
 holds exactly what model.cache.ProgressiveStore holds. The data moves as the kernel contract says
-(docs/kernel-interface.md): the host quantizes each new token to 16 bits and uploads only its codes and metadata;
-moving a full window into the body (SHRINK of the window, then COPY) and halving the body width (SHRINK) run
-on the device.
+(docs/kernel-interface.md, hw/regmap.py):
+
+- every engine has one buffer in its own HBM pseudo-channel, laid out alike: [query records | partial records |
+  layer 0 | layer 1 | ...]; a layer's tokens are striped across the engines in whole windows: window block k
+  (the k-th window to fill) lives in engine `regmap.block_engine(k, N)` while it fills and after it joins that
+  engine's body; the sink lives in engine 0 (`regmap.slices`);
+- the host quantizes each new token to 16 bits and uploads only its codes and metadata, into the engine that
+  holds the window being filled; moving a full window into the body (SHRINK of the window, then COPY) runs on
+  that engine; halving the body width (SHRINK) runs on every engine's slice in one launch;
+- a decode step is one ATTENTION launch per layer: every engine with tokens computes a partial over its slice
+  for every KV head; the host merges the engines' partials (numerics.md section 8).
 """
 from __future__ import annotations
 
@@ -13,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pmkvq_accel.hw import regmap as L
 from pmkvq_accel.model.attention import Partial, merge_partials, quantize_query
 from pmkvq_accel.model.cache import CacheConfig, Occupancy, advance
 from pmkvq_accel.model.quant import QuantizedKV, pack_metadata, quantize, unpack_codes, unpack_metadata
 
-from . import layout as L
 from .device import Device, Kernel
 
 
@@ -30,54 +38,49 @@ class _Layer:
     cfg: CacheConfig
     geo: L.CacheGeometry
     budgets: tuple          # (key budget, value budget) in bytes
-    buf: object             # DeviceBuffer holding the layer's four regions
-    offs: dict              # region -> byte offset inside buf
+    offs: dict              # region -> byte offset inside every engine's buffer
     occ: tuple              # (Occupancy keys, Occupancy values)
     events: tuple           # ([(tokens, bits)] keys, values): the shrink events so far
-    args: dict              # the launch arguments that never change for this layer
+    args: dict              # the shared launch arguments that never change for this layer
 
 
 class DeviceKVCache:
-    """The KV cache of every layer of one sequence, in device memory, driven through `Kernel` launches."""
+    """The KV cache of every layer of one sequence, in the engines' device memory, driven through `Kernel`
+    launches."""
 
     def __init__(self, device: Device, configs, key_budgets, value_budgets, max_len: int, group: int):
         if not (len(configs) == len(key_budgets) == len(value_budgets)) or not configs:
             raise ValueError("need one cache config and one key and value budget per layer")
         if not 1 <= group <= L.MAX_GROUP:
             raise ValueError(f"{group} query heads per KV head: the kernel supports 1..{L.MAX_GROUP}")
-        self.device, self.kernel, self.max_len, self.group = device, Kernel(device), int(max_len), int(group)
-        self.layers: list[_Layer] = []
+        self.device, self.max_len, self.group = device, int(max_len), int(group)
+        self.engines = N = device.engines
         heads, hd = configs[0].n_kv_heads, configs[0].head_dim
         geometries = []
         for i, (cfg, kb, vb) in enumerate(zip(configs, key_budgets, value_budgets)):
             if (cfg.n_kv_heads, cfg.head_dim) != (heads, hd):
                 raise ValueError("every layer must have the same KV heads and head_dim")
             try:
-                geometries.append(L.cache_geometry(cfg, kb, vb, self.max_len))
+                geometries.append(L.cache_geometry(cfg, kb, vb, self.max_len, N))
             except (ValueError, MemoryError) as e:  # BudgetError is a MemoryError
                 raise type(e)(f"layer {i}: {e}") from None
-        device.prepare(head_dim=hd, group=self.group)  # every input checked: now build/open the kernel
-        for i, (cfg, kb, vb, geo) in enumerate(zip(configs, key_budgets, value_budgets, geometries)):
-            h = cfg.n_kv_heads
-            sizes = {"k_codes": h * geo.keys.codes_stride, "v_codes": h * geo.values.codes_stride,
-                     "k_meta": h * geo.meta_stride, "v_meta": h * geo.meta_stride}
-            offs, total = {}, 0
-            for name, size in sizes.items():
-                offs[name], total = total, total + size
-            buf = device.allocate(total, bank=i)
-            args = dict(n_heads=h, head_dim=hd, meta_stride=geo.meta_stride,
-                        k_codes=buf.address + offs["k_codes"], v_codes=buf.address + offs["v_codes"],
-                        k_meta=buf.address + offs["k_meta"], v_meta=buf.address + offs["v_meta"],
-                        k_window_off=geo.keys.window_off, k_body_off=geo.keys.body_off,
-                        v_window_off=geo.values.window_off, v_body_off=geo.values.body_off,
-                        k_codes_stride=geo.keys.codes_stride, v_codes_stride=geo.values.codes_stride,
-                        meta_window_off=geo.meta_window_off, meta_body_off=geo.meta_body_off)
-            self.layers.append(_Layer(cfg, geo, (kb, vb), buf, offs, (Occupancy(cfg), Occupancy(cfg)),
-                                      ([], []), args))
         self.n_kv_heads, self.head_dim = heads, hd
         self.qdt, self.pdt = L.query_dtype(hd), L.partial_dtype(hd)
-        self.query_buf = device.allocate(heads * group * self.qdt.itemsize, bank=0)
-        self.partial_buf = device.allocate(heads * group * self.pdt.itemsize, bank=0)
+        self.query_off, self.partial_off = 0, L.ceil_words(heads * group * self.qdt.itemsize)
+        off = self.partial_off + L.ceil_words(heads * group * self.pdt.itemsize)
+        self.layers: list[_Layer] = []
+        for cfg, kb, vb, geo in zip(configs, key_budgets, value_budgets, geometries):
+            args = dict(geo.launch_args(off), query=self.query_off, partial=self.partial_off)
+            self.layers.append(_Layer(cfg, geo, (kb, vb), geo.region_offsets(off), (Occupancy(cfg), Occupancy(cfg)),
+                                      ([], []), args))
+            off += geo.layer_bytes
+        if off > L.PC_BYTES:
+            raise ValueError(f"each engine's share of the cache is {off / 2**20:.1f} MiB: more than one HBM "
+                             f"pseudo-channel ({L.PC_BYTES >> 20} MiB) holds; use more engines or a shorter max_len")
+        device.prepare(head_dim=hd, group=self.group)  # every input checked: now build/open the kernel
+        self.kernel = Kernel(device)
+        self.bufs = [device.allocate(off, bank=device.engine_pcs(e)[0]) for e in range(N)]
+        self.bases = {L.engine_arg(e, "base"): b.address for e, b in enumerate(self.bufs)}
 
     @classmethod
     def from_table(cls, device: Device, table, n_kv_heads: int, head_dim: int, group: int) -> "DeviceKVCache":
@@ -102,6 +105,10 @@ class DeviceKVCache:
     def events(self, layer: int) -> tuple[list, list]:
         return self.layers[layer].events
 
+    def slices(self, layer: int) -> list[tuple[int, int, int]]:
+        """(n_sink, n_body, n_window) of every engine for the layer (keys and values alike)."""
+        return L.slices(self.layers[layer].occ[0], self.engines)
+
     def memory_bytes(self, metadata: bool) -> float:
         """KV bytes held (sink, body and window), codes only or codes plus scale/zero."""
         return sum(o.bytes(metadata) for lay in self.layers for o in lay.occ)
@@ -112,8 +119,17 @@ class DeviceKVCache:
 
     @property
     def device_bytes(self) -> int:
-        """Device memory reserved for the cache (sized for max_len tokens)."""
-        return sum(lay.buf.nbytes for lay in self.layers)
+        """Device memory reserved for the cache over all engines (sized for max_len tokens)."""
+        return sum(b.nbytes for b in self.bufs)
+
+    # -- launches ------------------------------------------------------------------------------------------
+    def _launch(self, layer: int, counts, **args) -> None:
+        """One launch on the layer with per-engine token counts [(n_sink, n_body, n_window)] per engine."""
+        regs = dict(self.layers[layer].args, **self.bases)
+        for e, c in enumerate(counts):
+            regs.update({L.engine_arg(e, f): n for f, n in zip(L.COUNT_FIELDS, c)})
+        regs.update(args)
+        self.kernel.launch(**regs)
 
     # -- append --------------------------------------------------------------------------------------------
     def append(self, layer: int, k, v) -> None:
@@ -131,6 +147,8 @@ class DeviceKVCache:
                                  f"{self.max_len} (the bit-width table's budgets are for at most that many)")
         if T == 0:
             return
+        if not (np.isfinite(k).all() and np.isfinite(v).all()):
+            raise ValueError(f"layer {layer}: keys/values contain NaN or Inf")
         q = quantize(np.stack([k, v]).reshape(-1, cfg.head_dim), 16)  # one group per token and head
         codes = q.codes.astype("<u2").reshape(2, cfg.n_kv_heads, T, cfg.head_dim)
         meta = pack_metadata(q.scale, q.zero).astype("<u4").reshape(2, cfg.n_kv_heads, T)
@@ -143,48 +161,57 @@ class DeviceKVCache:
             assert taken[0] == taken[1], "keys and values advance together"
             n = taken[0]
             occ = lay.occ[0]
+            if into_sink:
+                engine, slot, meta_off = 0, occ.sink - n, 0
+            else:
+                engine = L.block_engine(occ.body // cfg.window, self.engines)
+                slot, meta_off = occ.window - n, lay.geo.meta_window_off
+            buf = self.bufs[engine]
             for i, kind in enumerate("kv"):
                 geo = lay.geo.keys if kind == "k" else lay.geo.values
-                if into_sink:
-                    slot, code_off, meta_off = occ.sink - n, 0, 0
-                else:
-                    slot, code_off, meta_off = occ.window - n, geo.window_off, lay.geo.meta_window_off
+                coff = 0 if into_sink else geo.window_off
                 for h in range(cfg.n_kv_heads):
-                    base = lay.offs[f"{kind}_codes"] + h * geo.codes_stride + code_off
-                    lay.buf.write(base + slot * cfg.head_dim * 2, codes[i, h, pos:pos + n])
-                    lay.buf.write(lay.offs[f"{kind}_meta"] + h * lay.geo.meta_stride + meta_off + 4 * slot,
-                                  meta[i, h, pos:pos + n])
+                    base = lay.offs[f"{kind}_codes"] + h * geo.codes_stride + coff
+                    buf.write(base + slot * cfg.head_dim * 2, codes[i, h, pos:pos + n])
+                    buf.write(lay.offs[f"{kind}_meta"] + h * lay.geo.meta_stride + meta_off + 4 * slot,
+                              meta[i, h, pos:pos + n])
             pos += n
 
-    def _kind_args(self, layer: int, i: int) -> dict:
-        occ = self.layers[layer].occ[i]
-        return dict(self.layers[layer].args, kind=i, n_sink=occ.sink, n_body=occ.body, n_window=occ.window)
-
     def _flush(self, layer: int, i: int) -> None:
-        """Called by the accounting before the window joins the body. On the device: SHRINK the window in place
-        down to the body width (16 -> 8 -> ...), then COPY it, codes and metadata, to the end of the body."""
+        """Called by the accounting before the window joins the body. On the engine holding the window: SHRINK
+        it in place down to the body width (16 -> 8 -> ...), then COPY it, codes and metadata, to the end of
+        that engine's body."""
         lay = self.layers[layer]
         occ, hd = lay.occ[i], lay.cfg.head_dim
         geo = lay.geo.keys if i == 0 else lay.geo.values
         k = "kv"[i]
-        if L.codes_bytes(occ.body + occ.window, hd, occ.bits) > geo.body_capacity:
+        owner = L.block_engine(occ.body // lay.cfg.window, self.engines)
+        mine = L.slices(occ, self.engines)[owner][1]   # the owner's body tokens before the window joins
+        if L.codes_bytes(mine + occ.window, hd, occ.bits) > geo.body_capacity:
             # cannot happen for <= max_len tokens: the capacity comes from the same accounting
-            raise AssertionError(f"layer {layer}: the body outgrows its {geo.body_capacity} reserved bytes")
-        args = self._kind_args(layer, i)
+            raise AssertionError(f"layer {layer}: engine {owner}'s body outgrows its {geo.body_capacity} "
+                                 f"reserved bytes")
+        only = [(0, 0, 0)] * self.engines
         bits = 16
         while bits > occ.bits:  # the window block, in place
-            self.kernel.launch(**{**args, "op": L.OP_SHRINK, f"{k}_body_off": geo.window_off,
-                                  "meta_body_off": lay.geo.meta_window_off, "n_body": occ.window, f"{k}_bits": bits})
+            counts = list(only)
+            counts[owner] = (0, occ.window, 0)
+            self._launch(layer, counts, op=L.OP_SHRINK, kind=i, **{f"{k}_body_off": geo.window_off,
+                         "meta_body_off": lay.geo.meta_window_off, f"{k}_bits": bits})
             bits //= 2
-        self.kernel.launch(**{**args, "op": L.OP_COPY, f"{k}_bits": occ.bits,
-                              f"{k}_body_off": geo.body_off + occ.body * hd * occ.bits // 8,
-                              "meta_body_off": lay.geo.meta_body_off + 4 * occ.body})
+        counts = list(only)
+        counts[owner] = (0, 0, occ.window)
+        self._launch(layer, counts, op=L.OP_COPY, kind=i, **{f"{k}_bits": occ.bits,
+                     f"{k}_body_off": geo.body_off + mine * hd * occ.bits // 8,
+                     "meta_body_off": lay.geo.meta_body_off + 4 * mine})
 
     def _shrink(self, layer: int, i: int) -> None:
-        """Called by the accounting after the body width halved: the device shrinks the body in place."""
+        """Called by the accounting after the body width halved: every engine shrinks its body slice in place,
+        in one launch."""
         occ = self.layers[layer].occ[i]
         if occ.body:
-            self.kernel.launch(op=L.OP_SHRINK, **self._kind_args(layer, i), **{"kv"[i] + "_bits": occ.bits * 2})
+            counts = [(0, body, 0) for _, body, _ in L.slices(occ, self.engines)]
+            self._launch(layer, counts, op=L.OP_SHRINK, kind=i, **{"kv"[i] + "_bits": occ.bits * 2})
 
     # -- attention -----------------------------------------------------------------------------------------
     def attention(self, layer: int, q, softmax_scale: float) -> np.ndarray:
@@ -195,37 +222,56 @@ class DeviceKVCache:
         q = np.asarray(q, np.float64)
         if q.shape != (H * G, hd):
             raise ValueError(f"query must be ({H * G}, {hd}), got {q.shape}")
+        if not np.isfinite(q).all():
+            raise ValueError(f"layer {layer}: the query contains NaN or Inf")
         kocc, vocc = lay.occ
         if kocc.tokens == 0:
             raise ValueError(f"layer {layer}: attention over an empty cache")
         query = quantize_query(q, softmax_scale)
         rec = np.zeros(H * G, self.qdt)
         rec["q"], rec["exp"] = query.codes, query.exp
-        self.query_buf.write(0, rec)
-        self.kernel.launch(op=L.OP_ATTENTION, group=G, n_sink=kocc.sink, n_body=kocc.body, n_window=kocc.window,
-                           k_bits=kocc.bits, v_bits=vocc.bits, query=self.query_buf.address,
-                           partial=self.partial_buf.address, **lay.args)
-        part = self.partial_buf.read(0, H * G * self.pdt.itemsize).view(self.pdt)
-        m, Lsum, acc, E = (part[f].astype(np.int64) for f in ("m", "L", "acc", "E"))
-        # Each KV head's G rows are one single-run result; merge_partials normalises row by row, so all
-        # heads go through it at once with E given per row.
-        return merge_partials([Partial(m=m, L=Lsum, acc=acc, E=E[:, None])])
+        counts = L.slices(kocc, self.engines)
+        busy = [e for e, c in enumerate(counts) if sum(c)]
+        for e in busy:
+            self.bufs[e].write(self.query_off, rec)
+        self._launch(layer, counts, op=L.OP_ATTENTION, group=G, k_bits=kocc.bits, v_bits=vocc.bits)
+        parts = []
+        for e in busy:  # merged in engine order: the same on every backend
+            part = self.bufs[e].read(self.partial_off, H * G * self.pdt.itemsize).view(self.pdt)
+            m, Lsum, acc, E = (part[f].astype(np.int64) for f in ("m", "L", "acc", "E"))
+            # each KV head's G rows are one run; merge_partials works row by row, so E is given per row
+            parts.append(Partial(m=m, L=Lsum, acc=acc, E=E[:, None]))
+        return merge_partials(parts)
 
     # -- read back -----------------------------------------------------------------------------------------
     def blocks(self, layer: int, head: int, kind: str) -> list[QuantizedKV]:
-        """The head's tokens as they sit in device memory: [sink, body, window] blocks (non-empty ones),
+        """The head's tokens as they sit in device memory, in token order: the sink, then the body's window
+        blocks gathered from the engines in the order they filled, then the window (non-empty blocks only),
         read back and unpacked (for tests and debugging; not used while decoding)."""
         lay = self.layers[layer]
         occ = lay.occ[0 if kind == "k" else 1]
         geo = lay.geo.keys if kind == "k" else lay.geo.values
-        hd = lay.cfg.head_dim
+        hd, w, N = lay.cfg.head_dim, lay.cfg.window, self.engines
         cbase = lay.offs[f"{kind}_codes"] + head * geo.codes_stride
         mbase = lay.offs[f"{kind}_meta"] + head * lay.geo.meta_stride
+
+        def read(e, coff, moff, bits, n):
+            buf = self.bufs[e]
+            codes = unpack_codes(buf.read(cbase + coff, L.codes_bytes(n, hd, bits)), bits, n, hd)
+            scale, zero = unpack_metadata(buf.read(mbase + moff, 4 * n).view("<u4"))
+            return QuantizedKV(codes, scale, zero, bits)
         out = []
-        for coff, moff, bits, n in ((0, 0, 16, occ.sink), (geo.body_off, lay.geo.meta_body_off, occ.bits, occ.body),
-                                    (geo.window_off, lay.geo.meta_window_off, 16, occ.window)):
-            if n:
-                codes = unpack_codes(lay.buf.read(cbase + coff, L.codes_bytes(n, hd, bits)), bits, n, hd)
-                scale, zero = unpack_metadata(lay.buf.read(mbase + moff, 4 * n).view("<u4"))
-                out.append(QuantizedKV(codes, scale, zero, bits))
+        if occ.sink:
+            out.append(read(0, 0, 0, 16, occ.sink))
+        if occ.body:
+            parts = []
+            for blk in range(occ.body // w):
+                e, j = L.block_engine(blk, N), blk // N   # j-th block of engine e's body
+                b = read(e, geo.body_off, lay.geo.meta_body_off, occ.bits, (j + 1) * w)
+                parts.append(QuantizedKV(b.codes[j * w:], b.scale[j * w:], b.zero[j * w:], occ.bits))
+            out.append(QuantizedKV(np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
+                                   np.concatenate([p.zero for p in parts]), occ.bits))
+        if occ.window:
+            out.append(read(L.block_engine(occ.body // w, N), geo.window_off, lay.geo.meta_window_off, 16,
+                            occ.window))
         return out

@@ -11,13 +11,15 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from .regmap import CONTROL_ADDR_BITS
+
 BURST_MAX = 64          # beats per AXI burst (64 x 64 bytes = one 4 KiB page)
 PAGE_BYTES = 4096       # AXI bursts must not cross a 4 KiB boundary
 
 # name -> (width, direction seen from the kernel)
-_LITE = {"awvalid": (1, "i"), "awready": (1, "o"), "awaddr": (None, "i"), "wvalid": (1, "i"), "wready": (1, "o"),
+_LITE = {"awvalid": (1, "i"), "awready": (1, "o"), "awaddr": (CONTROL_ADDR_BITS, "i"), "wvalid": (1, "i"), "wready": (1, "o"),
          "wdata": (32, "i"), "wstrb": (4, "i"), "bvalid": (1, "o"), "bready": (1, "i"), "bresp": (2, "o"),
-         "arvalid": (1, "i"), "arready": (1, "o"), "araddr": (None, "i"), "rvalid": (1, "o"), "rready": (1, "i"),
+         "arvalid": (1, "i"), "arready": (1, "o"), "araddr": (CONTROL_ADDR_BITS, "i"), "rvalid": (1, "o"), "rready": (1, "i"),
          "rdata": (32, "o"), "rresp": (2, "o")}
 
 
@@ -47,8 +49,8 @@ class Bundle:
         return [getattr(self, n) for n in self.direction]
 
 
-def axi_lite_bundle(prefix: str = "s_axi_control", addr_bits: int = 8) -> Bundle:
-    return Bundle(prefix, {k: (addr_bits if w is None else w, d) for k, (w, d) in _LITE.items()})
+def axi_lite_bundle(prefix: str = "s_axi_control") -> Bundle:
+    return Bundle(prefix, _LITE)
 
 
 def axi_full_bundle(prefix: str, data_bits: int = 512) -> Bundle:
@@ -62,15 +64,17 @@ class ControlRegisters(Elaboratable):
 
     Core side: `start` is high while ap_start is set; the core pulses `ack` when it takes the arguments
     (clears ap_start unless auto-restart, sets ap_ready), pulses `done` when finished, and drives `idle`.
-    `status` and `debug` are read-only registers at `status_offset` and `debug_offset`."""
+    `status` and `debug` are read-only registers at `status_offset` and `debug_offset`; `constants` are
+    read-only registers with fixed values (offset -> value)."""
 
     def __init__(self, bus: Bundle, args: dict[str, tuple[int, int]], status_offset: int,
-                 debug_offset: int | None = None):
+                 debug_offset: int | None = None, constants: dict[int, int] | None = None):
         self.bus = bus
         self.args = {name: Signal(width, name=f"arg_{name}") for name, (_, width) in args.items()}
         self._offsets = {name: off for name, (off, _) in args.items()}
         self.status_offset = status_offset
         self.debug_offset = debug_offset
+        self.constants = dict(constants or {})
         self.debug = Signal(32)
         self.start = Signal()
         self.ack = Signal()
@@ -146,6 +150,9 @@ class ControlRegisters(Elaboratable):
             if self.debug_offset is not None:
                 with m.Case(self.debug_offset):
                     m.d.comb += rvalue.eq(self.debug)
+            for off, value in self.constants.items():
+                with m.Case(off):
+                    m.d.comb += rvalue.eq(value)
             for off, word in self._words():
                 with m.Case(off):
                     m.d.comb += rvalue.eq(word)

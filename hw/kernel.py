@@ -1,11 +1,12 @@
 """The Vitis RTL kernel `pmkvq_attn`: AXI4-Lite control (ap_ctrl_hs), N engines, each a decode-attention
-datapath fed from its own AXI4 master (HBM pseudo-channel).
+datapath fed from its own AXI4 master, bound to its own HBM pseudo-channel(s).
 
 The register map and the device-memory layout are the contract in docs/kernel-interface.md
-(`pmkvq_accel.hw.regmap`). One launch processes `n_heads` KV heads of one layer; engine e takes heads
-e, e + N, e + 2N, ... For each head it reads the G query records, streams the head's key metadata and codes,
-value metadata and codes in the order the datapath consumes them (four read channels sharing the AXI port,
-bursts of up to 64 words, many in flight), and writes the G partial records back.
+(`pmkvq_accel.hw.regmap`). One launch processes `n_heads` KV heads of one layer; engine e works in its own
+buffer (`e{e}_base`) over its own token slice (`e{e}_n_sink/n_body/n_window`) for every head. For each head
+it reads the G query records, streams the head's key metadata and codes, value metadata and codes in the
+order the datapath consumes them (five read channels sharing the AXI port, bursts of up to 64 words, many
+in flight), and writes the G partial records back. An engine with no tokens for the op sits the launch out.
 Bad arguments end the launch at once with a status code (never a hang).
 """
 from __future__ import annotations
@@ -25,8 +26,11 @@ from .shrink import ShrinkUnit
 class KernelConfig:
     """word_bits is the AXI data width and the datapath word (512 on the U280). The memory layout does not
     depend on it (code blocks are bit streams, metadata a uint32 array, every block 64-byte aligned), so a
-    narrower kernel (used to keep simulation builds small) reads the same images."""
+    narrower kernel (used to keep simulation builds small) reads the same images.
+    Engine e's master is bound to the HBM pseudo-channels `engine_pcs(e)`: pcs_per_engine of them, in a
+    contiguous range (link.cfg `sp=`); the host puts engine e's buffer in the first."""
     engines: int = 1
+    pcs_per_engine: int = 1
     word_bits: int = R.WORD_BITS
     head_dim: int = 64
     groups: int = 3
@@ -36,8 +40,12 @@ class KernelConfig:
     datapath: DatapathConfig = field(init=False)
 
     def __post_init__(self):
-        if not isinstance(self.engines, int) or not 1 <= self.engines <= 16:
-            raise ValueError(f"engines must be 1..16, got {self.engines!r}")
+        if not isinstance(self.engines, int) or not 1 <= self.engines <= R.MAX_ENGINES:
+            raise ValueError(f"engines must be 1..{R.MAX_ENGINES}, got {self.engines!r}")
+        if not isinstance(self.pcs_per_engine, int) or self.pcs_per_engine < 1 or \
+                self.engines * self.pcs_per_engine > R.HBM_PCS:
+            raise ValueError(f"{self.engines} engines x {self.pcs_per_engine} pseudo-channels each do not fit "
+                             f"the card's {R.HBM_PCS} HBM pseudo-channels")
         if self.fifo_depth < 64 or self.fifo_depth & (self.fifo_depth - 1):
             raise ValueError(f"fifo_depth must be a power of two >= 64, got {self.fifo_depth!r}")
         if self.word_bits not in (128, 256, 512):
@@ -49,6 +57,13 @@ class KernelConfig:
     @property
     def word_bytes(self) -> int:
         return self.word_bits // 8
+
+    def engine_pcs(self, e: int) -> tuple[int, ...]:
+        """The HBM pseudo-channels engine e's master is bound to (its buffer lives in the first)."""
+        if not 0 <= e < self.engines:
+            raise ValueError(f"engine {e} out of range: the kernel has {self.engines}")
+        k = self.pcs_per_engine
+        return tuple(range(e * k, e * k + k))
 
     @property
     def query_words(self) -> int:
@@ -71,12 +86,13 @@ class Engine(Elaboratable):
 
     def __init__(self, cfg: KernelConfig, index: int, bus, args: dict):
         self.cfg, self.index, self.bus, self.args = cfg, index, bus, args
+        self.mine = {n: args[R.engine_arg(index, n)] for n in R.ENGINE_ARGS}   # this engine's slice
         self.start = Signal()     # pulse: launch with the (validated) arguments
         self.busy = Signal()
         self.debug = Signal(32)   # progress/diagnostic bits, readable at regmap.DEBUG
 
     def elaborate(self, platform):
-        cfg, a = self.cfg, self.args
+        cfg, a, mine = self.cfg, self.args, self.mine
         HD, G = cfg.head_dim, cfg.groups
         WORD_BITS, WORD_BYTES = cfg.word_bits, cfg.word_bytes
         MPW = WORD_BITS // 32          # metadata entries per word
@@ -99,8 +115,8 @@ class Engine(Elaboratable):
         take_job = Signal()
         seq_idle = Signal()
         hd_log2 = HD.bit_length() - 1
-        nz = [a["n_sink"] != 0, a["n_body"] != 0, a["n_window"] != 0]
-        counts = [a["n_sink"], a["n_body"], a["n_window"]]
+        counts = [mine[n] for n in R.COUNT_FIELDS]
+        nz = [c != 0 for c in counts]
         k_lb = Signal(2)
         v_lb = Signal(2)
         m.d.comb += [k_lb.eq(_lb(a["k_bits"])), v_lb.eq(_lb(a["v_bits"]))]
@@ -121,11 +137,12 @@ class Engine(Elaboratable):
         v_codes = Signal(64)
         k_meta = Signal(64)
         v_meta = Signal(64)
+        base = mine["base"]
         m.d.comb += [
-            k_codes.eq(a["k_codes"] + h64 * a["k_codes_stride"]),
-            v_codes.eq(a["v_codes"] + h64 * a["v_codes_stride"]),
-            k_meta.eq(a["k_meta"] + h64 * a["meta_stride"]),
-            v_meta.eq(a["v_meta"] + h64 * a["meta_stride"]),
+            k_codes.eq(base + a["k_codes"] + h64 * a["k_codes_stride"]),
+            v_codes.eq(base + a["v_codes"] + h64 * a["v_codes_stride"]),
+            k_meta.eq(base + a["k_meta"] + h64 * a["meta_stride"]),
+            v_meta.eq(base + a["v_meta"] + h64 * a["meta_stride"]),
         ]
         extents = {
             "kmeta": [(k_meta, meta_words[0]), (k_meta + a["meta_body_off"], meta_words[1]),
@@ -267,7 +284,7 @@ class Engine(Elaboratable):
         window_off = Mux(values, a["v_window_off"], a["k_window_off"])
         is_shrink = a["op"] == R.OP_SHRINK
         x_tokens = Signal(COUNT_BITS)
-        m.d.comb += x_tokens.eq(Mux(is_shrink, a["n_body"], a["n_window"]))
+        m.d.comb += x_tokens.eq(Mux(is_shrink, mine["n_body"], mine["n_window"]))
         x_in = code_words(x_tokens, x_lb, "x_in")                 # code words read
         x_lb_out = Signal(2)
         m.d.comb += x_lb_out.eq(x_lb - 1)
@@ -312,12 +329,13 @@ class Engine(Elaboratable):
 
         # ---- head loop ----
         n_heads = a["n_heads"]
-        step = cfg.engines
+        has_tokens = Signal()   # this engine takes part in the launch: it holds tokens the op acts on
+        m.d.comb += has_tokens.eq(Mux(a["op"] == R.OP_ATTENTION, nz[0] | nz[1] | nz[2], x_tokens != 0))
         with m.FSM(name=f"engine{self.index}") as fsm:
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += head.eq(self.index)
-                    with m.If(self.index < n_heads):
+                    m.d.sync += head.eq(0)
+                    with m.If(has_tokens):
                         with m.If(a["op"] == R.OP_ATTENTION):
                             m.next = "QUERY"
                         with m.Else():
@@ -338,8 +356,8 @@ class Engine(Elaboratable):
                     with m.If(wr.cmd.ready):
                         m.d.sync += x_meta_cmd.eq(1)
                 with m.If(x_meta_cmd & (x_done == x_codes_out + x_meta) & wr.idle):
-                    with m.If(head + step < n_heads):
-                        m.d.sync += head.eq(head + step)
+                    with m.If(head + 1 < n_heads):
+                        m.d.sync += head.eq(head + 1)
                         m.next = "X_ISSUE"
                     with m.Else():
                         m.next = "IDLE"
@@ -348,7 +366,7 @@ class Engine(Elaboratable):
             # so the port streams across heads while the sequencer below finishes the previous one.
             with m.State("QUERY"):
                 m.d.comb += [qc.cmd.valid.eq(1),
-                             qc.cmd.payload.addr.eq(a["query"] + h64 * (qwords * WORD_BYTES)),
+                             qc.cmd.payload.addr.eq(base + a["query"] + h64 * (qwords * WORD_BYTES)),
                              qc.cmd.payload.words.eq(qwords)]
                 with m.If(qc.cmd.ready):
                     m.d.sync += w_issued.eq(0)
@@ -356,13 +374,13 @@ class Engine(Elaboratable):
             with m.State("FEED"):
                 m.d.comb += feed.eq(1)
                 m.d.comb += [wr.cmd.valid.eq(~w_issued),
-                             wr.cmd.payload.addr.eq(a["partial"] + h64 * (G * pw * WORD_BYTES)),
+                             wr.cmd.payload.addr.eq(base + a["partial"] + h64 * (G * pw * WORD_BYTES)),
                              wr.cmd.payload.words.eq(G * pw)]
                 with m.If(wr.cmd.valid & wr.cmd.ready):
                     m.d.sync += w_issued.eq(1)
                 with m.If(w_issued & fed_all & ~Cat(*[c.active for c in ch.values()]).any()):
-                    with m.If(head + step < n_heads):
-                        m.d.sync += head.eq(head + step)
+                    with m.If(head + 1 < n_heads):
+                        m.d.sync += head.eq(head + 1)
                         m.next = "QUERY"
                     with m.Else():
                         m.next = "FINISH"
@@ -431,7 +449,7 @@ class Kernel(Elaboratable):
         self.ap_clk = Signal(name="ap_clk")
         self.ap_rst_n = Signal(name="ap_rst_n")
         self.interrupt = Signal(name="interrupt")
-        self.control = axi_lite_bundle("s_axi_control", addr_bits=8)
+        self.control = axi_lite_bundle("s_axi_control")
         self.gmem = [axi_full_bundle(f"m_axi_gmem{e}", cfg.word_bits) for e in range(cfg.engines)]
 
     @property
@@ -446,7 +464,9 @@ class Kernel(Elaboratable):
         m = Module()
         m.domains.sync = cd = ClockDomain("sync")
         m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(~self.ap_rst_n)]
-        m.submodules.ctrl = ctrl = ControlRegisters(self.control, R.ARGS, R.STATUS, R.DEBUG)
+        m.submodules.ctrl = ctrl = ControlRegisters(self.control, R.all_args(cfg.engines), R.STATUS, R.DEBUG,
+                                                    constants={R.ENGINES: cfg.engines,
+                                                               R.PCS_PER_ENGINE: cfg.pcs_per_engine})
         a = ctrl.args
         engines = [Engine(cfg, e, self.gmem[e], a) for e in range(cfg.engines)]
         for e, eng in enumerate(engines):
@@ -455,16 +475,21 @@ class Kernel(Elaboratable):
         for g in self.gmem:  # one AXI ID; driven so that the ports export as outputs
             m.d.comb += [g.awid.eq(0), g.arid.eq(0)]
 
-        # argument checks -> status (first failing check wins)
-        total = Signal(34)
-        m.d.comb += total.eq(a["n_sink"] + a["n_body"] + a["n_window"])
-        misaligned = Signal()
-        m.d.comb += misaligned.eq(Cat(*[a[n][:6] != 0 for n in R.ALIGNED_ARGS]).any())
-        status = Signal(32)
+        # argument checks -> status (first failing check wins); token counts are per engine
         op = a["op"]
         attn = op == R.OP_ATTENTION
+        too_many, some = [], []
+        for e in range(cfg.engines):
+            n = {f: a[R.engine_arg(e, f)] for f in R.COUNT_FIELDS}
+            total = Signal(34, name=f"total{e}")
+            m.d.comb += total.eq(n["n_sink"] + n["n_body"] + n["n_window"])
+            xtok = Mux(op == R.OP_SHRINK, n["n_body"], n["n_window"])
+            too_many.append(Mux(attn, total > cfg.max_tokens, xtok > cfg.max_tokens))
+            some.append(Mux(attn, total != 0, xtok != 0))
+        misaligned = Signal()
+        m.d.comb += misaligned.eq(Cat(*[a[n][:6] != 0 for n in R.aligned_args(cfg.engines)]).any())
+        status = Signal(32)
         xbits = Mux(a["kind"][0], a["v_bits"], a["k_bits"])
-        xtok = Mux(op == R.OP_SHRINK, a["n_body"], a["n_window"])
         checks = [
             ((op != R.OP_ATTENTION) & (op != R.OP_SHRINK) & (op != R.OP_COPY), R.STATUS_BAD_OP),
             (~attn & (a["kind"] > 1), R.STATUS_BAD_KIND),
@@ -472,8 +497,7 @@ class Kernel(Elaboratable):
             (attn & (a["group"] != cfg.groups), R.STATUS_BAD_GROUP),
             (Mux(attn, ~_valid_bits(a["k_bits"]) | ~_valid_bits(a["v_bits"]),
                  ~_valid_bits(xbits) | ((op == R.OP_SHRINK) & (xbits == 2))), R.STATUS_BAD_BITS),
-            ((a["n_heads"] == 0) | Mux(attn, (total == 0) | (total > cfg.max_tokens),
-                                       (xtok == 0) | (xtok > cfg.max_tokens)), R.STATUS_BAD_TOKENS),
+            ((a["n_heads"] == 0) | ~Cat(*some).any() | Cat(*too_many).any(), R.STATUS_BAD_TOKENS),
             (misaligned, R.STATUS_BAD_ADDRESS),
         ]
         verdict = Const(R.STATUS_OK, 32)

@@ -3,9 +3,11 @@ present with the widths the schedule says, only the new token's bytes uploaded p
 import numpy as np
 import pytest
 
-from pmkvq_accel.host.device import GoldenDevice
+from pmkvq_accel.host.device import DeviceError, GoldenDevice
 from pmkvq_accel.host.kvcache import ContextTooLong, DeviceKVCache
-from pmkvq_accel.model.attention import Query, attention, quantize_query
+from pmkvq_accel.hw import regmap as R
+from pmkvq_accel.model.attention import Query, attention, attention_partial, merge_partials, quantize_query
+from pmkvq_accel.model.quant import QuantizedKV
 from pmkvq_accel.model.cache import BudgetError, CacheConfig, ProgressiveStore, budget_for_width, shrink_schedule
 
 
@@ -24,13 +26,14 @@ CASES = [  # (n_kv_heads, head_dim, n_sink, window, key width, value width, max_
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_random_appends_match_reference(case):
+@pytest.mark.parametrize("case, engines", [(c, e) for c in CASES for e in (1, 3)] + [(CASES[0], 32)])
+def test_random_appends_match_reference(case, engines):
+    """The striped cache, gathered back in token order, equals the reference store token for token."""
     heads, hd, sink, window, kbits, vbits, max_len, meta = case
     rng = np.random.default_rng(sum(case[:7]))
     cfg = CacheConfig(heads, hd, sink, window, count_metadata=meta)
     kb, vb = budget_for_width(cfg, kbits, max_len), budget_for_width(cfg, vbits, max_len)
-    kv = DeviceKVCache(GoldenDevice(), [cfg, cfg], [kb, vb], [vb, kb], max_len, group=2)
+    kv = DeviceKVCache(GoldenDevice(engines=engines), [cfg, cfg], [kb, vb], [vb, kb], max_len, group=2)
     ref = [(ProgressiveStore(cfg, kb), ProgressiveStore(cfg, vb)), (ProgressiveStore(cfg, vb), ProgressiveStore(cfg, kb))]
     n = 0
     while n < max_len:
@@ -58,12 +61,43 @@ def test_random_appends_match_reference(case):
     assert kv.fp16_bytes() == 2 * 2 * n * heads * hd * 2
 
 
-def test_attention_equals_golden_model_on_reference_cache():
+def cut(b: QuantizedKV, lo: int, hi: int) -> QuantizedKV:
+    return QuantizedKV(b.codes[lo:hi], b.scale[lo:hi], b.zero[lo:hi], b.bits)
+
+
+def engine_blocks(store: ProgressiveStore, head: int, engines: int) -> list[list[QuantizedKV]]:
+    """The reference store's tokens of one head dealt to the engines as the contract says (written here
+    from the rule, independently of hw/regmap.py): sink to engine 0, window block k to engine k mod N."""
+    occ, w = store.occ, store.cfg.window
+    blocks = dict(zip(("sink", "body", "window"), [None] * 3))
+    it = iter(store.blocks(head))
+    for name, n in (("sink", occ.sink), ("body", occ.body), ("window", occ.window)):
+        if n:
+            blocks[name] = next(it)
+    out = [[] for _ in range(engines)]
+    if blocks["sink"] is not None:
+        out[0].append(blocks["sink"])
+    body = [[] for _ in range(engines)]
+    for k in range(occ.body // w):
+        body[k % engines].append(cut(blocks["body"], k * w, (k + 1) * w))
+    for e, parts in enumerate(body):
+        if parts:
+            out[e].append(QuantizedKV(np.concatenate([p.codes for p in parts]),
+                                      np.concatenate([p.scale for p in parts]),
+                                      np.concatenate([p.zero for p in parts]), parts[0].bits))
+    if blocks["window"] is not None:
+        out[(occ.body // w) % engines].append(blocks["window"])
+    return out
+
+
+@pytest.mark.parametrize("engines", [1, 2, 4])
+def test_attention_equals_golden_model_on_reference_cache(engines):
+    """Each engine's partial over its slice, merged in engine order; one engine is the plain attention."""
     rng = np.random.default_rng(5)
     cfg = CacheConfig(3, 64, 1, 16)
     max_len = 240
     kb, vb = budget_for_width(cfg, 2, max_len), budget_for_width(cfg, 4, max_len)
-    kv = DeviceKVCache(GoldenDevice(), [cfg], [kb], [vb], max_len, group=3)
+    kv = DeviceKVCache(GoldenDevice(engines=engines), [cfg], [kb], [vb], max_len, group=3)
     ks, vs = ProgressiveStore(cfg, kb), ProgressiveStore(cfg, vb)
     for T in (50, 70, 1, 1, 100, 3):
         k, v = rng.normal(size=(3, T, 64)), rng.normal(size=(3, T, 64))
@@ -73,17 +107,24 @@ def test_attention_equals_golden_model_on_reference_cache():
         q = rng.normal(size=(9, 64)) * 2
         out = kv.attention(0, q, 0.125)
         qq = quantize_query(q, 0.125)
-        ref = np.concatenate([attention(Query(qq.codes[3 * h:3 * h + 3], qq.exp[3 * h:3 * h + 3]),
-                                        ks.blocks(h), vs.blocks(h)) for h in range(3)])
-        assert np.array_equal(out, ref)
+        ref = []
+        for h in range(3):
+            query = Query(qq.codes[3 * h:3 * h + 3], qq.exp[3 * h:3 * h + 3])
+            if engines == 1:
+                ref.append(attention(query, ks.blocks(h), vs.blocks(h)))
+                continue
+            parts = [attention_partial(query, kb_, vb_) for kb_, vb_ in
+                     zip(engine_blocks(ks, h, engines), engine_blocks(vs, h, engines)) if kb_]
+            ref.append(merge_partials(parts))
+        assert np.array_equal(out, np.concatenate(ref))
     assert kv.widths(0) == (2, 4)
 
 
 class CountingDevice(GoldenDevice):
     """Counts the bytes the host writes into device memory."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, engines=2):
+        super().__init__(engines=engines)
         self.written = 0
 
     def allocate(self, nbytes, bank=0):
@@ -114,7 +155,8 @@ def test_decode_step_uploads_only_the_new_token():
         assert dev.written == per_token
         dev.written = 0
         kv.attention(0, rng.normal(size=(9, 64)), 0.125)
-        assert dev.written == query_bytes
+        busy = sum(1 for c in kv.slices(0) if sum(c))
+        assert busy == 2 and dev.written == query_bytes * busy   # the query goes to every engine with tokens
     assert kv.device.kernel.launches["COPY"] > flushes
     assert kv.device.kernel.launches["SHRINK"] > 0
 
@@ -156,3 +198,23 @@ def test_bad_shapes_and_group():
     kv.append(0, np.ones((2, 1, 32)), np.ones((2, 1, 32)))
     with pytest.raises(ValueError, match=r"query must be \(4, 32\)"):
         kv.attention(0, np.zeros((2, 32)), 0.1)
+
+
+def test_bad_configurations_are_clear_errors():
+    cfg = CacheConfig(3, 64, 1, 16)
+    with pytest.raises(ValueError, match="engines must be 1..32"):
+        GoldenDevice(engines=33)
+    # a slice that does not fit one pseudo-channel (256 MiB): 8 KV heads x 128 dims x 65536 tokens at 16 bits
+    big = CacheConfig(8, 128, 1, 128)
+    with pytest.raises(ValueError, match="more than one HBM pseudo-channel"):
+        DeviceKVCache(GoldenDevice(engines=1), [big] * 4, [1e12] * 4, [1e12] * 4, 65536, group=4)
+    # a pseudo-channel that does not exist
+    with pytest.raises(ValueError, match="pseudo-channel 40 does not exist"):
+        GoldenDevice().allocate(64, bank=40)
+    with pytest.raises(DeviceError, match="does not fit HBM pseudo-channel"):
+        GoldenDevice().allocate(R.PC_BYTES + 64, bank=0)
+    # more engines than windows: engines with empty slices sit launches out, results stay exact
+    kv = DeviceKVCache(GoldenDevice(engines=8), [cfg], [1e9], [1e9], 100, group=1)
+    kv.append(0, np.ones((3, 40, 64)), np.ones((3, 40, 64)))
+    assert [sum(c) for c in kv.slices(0)] == [17, 16, 7, 0, 0, 0, 0, 0]
+    assert np.allclose(kv.attention(0, np.ones((3, 64)), 0.125), 1.0, atol=1e-3)
