@@ -4,6 +4,10 @@ and the float64 reference it is measured against.
 Flow for one KV head and its G query heads:
   quantize_query (host)  ->  attention_partial (device: scores, exp2, value accumulation)
   ->  normalize / merge_partials (host, float64).
+
+The arithmetic is defined once, batched over H KV heads: `attention_partials` (and `batched_scores`) on code
+segments in token order, each either packed rows as they sit in device memory or unpacked codes. The
+single-head `attention_partial` / `scores` are its H = 1 case; the host's golden kernel calls it directly.
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ import numpy as np
 
 from .fixedpoint import bf16_fields, check_finite, shift_round, shift_round_saturate
 from .formats import (ACC_UNIT_OFFSET, EXP2_SEGMENTS_LOG2, MAX_PARTIAL_TOKENS, P_FRAC, QUERY_BITS,
-                      QUERY_MAX, SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS)
-from .quant import QuantizedKV, dequantize
+                      QUERY_MAX, SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS, W_BITS, W_SHIFT_BIAS, Z_SHIFT_BIAS)
+from .quant import QuantizedKV, dequantize, unpack_rows
 
 LOG2E = 1.4426950408889634
 
@@ -93,72 +97,135 @@ def _token_fields(blocks: Sequence[QuantizedKV], what: str, head_dim: int | None
     return bits, np.concatenate([b.scale for b in blocks]), np.concatenate([b.zero for b in blocks])
 
 
-def _chunks(block: QuantizedKV, max_tokens: int):
-    """(start, codes as float64) over a block in cache-sized pieces of at most max_tokens."""
-    step = max(1, min(max_tokens, 4096))
-    for lo in range(0, block.tokens, step):
-        yield lo, block.codes[lo:lo + step].astype(np.float64)
+CHUNK_TOKENS = 256  # default tokens decoded to float64 at a time, so the matmuls read the codes from cache
 
 
-def _dot_products(query: Query, keys: Sequence[QuantizedKV]) -> np.ndarray:
-    """D (G, T) = sum_d Q_d * c_td at each block's own width; exact (|D| < 2^38) in float64 BLAS."""
-    qf = query.codes.astype(np.float64)
-    out = np.empty((qf.shape[0], sum(b.tokens for b in keys)))
-    pos = 0
-    for b in keys:
-        for lo, c in _chunks(b, b.tokens):
-            out[:, pos + lo:pos + lo + c.shape[0]] = qf @ c.T
-        pos += b.tokens
-    return out.astype(np.int64)
+def _segment_chunks(data, bits: int, tokens: int, head_dim: int, chunk: int, scratch: np.ndarray, msb: bool):
+    """(first token, float64 codes (H, m, head_dim)) over one segment, `chunk` tokens at a time, in `scratch`.
+    data: packed rows (H, >= bytes) uint8 (numerics.md 2) or codes (H, tokens, head_dim)."""
+    packed = data.ndim == 2
+    per_token = head_dim * bits // 8  # packed rows: whole bytes per token (head_dim * bits % 8 == 0)
+    for t0 in range(0, tokens, chunk):
+        m = min(chunk, tokens - t0)
+        out = scratch[:, :m]
+        if packed:
+            unpack_rows(data[:, t0 * per_token:(t0 + m) * per_token], bits, m, head_dim, out=out, msb=msb)
+        elif msb:
+            np.multiply(data[:, t0:t0 + m], float(1 << (16 - bits)), out=out)
+        else:
+            out[...] = data[:, t0:t0 + m]
+        yield t0, out
 
 
-def _weighted_code_sum(w: np.ndarray, values: Sequence[QuantizedKV]) -> np.ndarray:
-    """sum_t W_t * c16_td (G, head_dim), exact: each float64 BLAS chunk stays below 2^53."""
-    acc = np.zeros((w.shape[0], values[0].head_dim), np.int64)
-    pos = 0
-    for b in values:
-        wb = w[:, pos:pos + b.tokens].astype(np.float64)
-        # W < 2^26 and c < 2^b: a chunk of n tokens sums below n * 2^(26 + b) <= 2^52.
-        for lo, c in _chunks(b, 1 << (26 - b.bits)):
-            acc += (wb[:, lo:lo + c.shape[0]] @ c).astype(np.int64) << (16 - b.bits)
-        pos += b.tokens
+def iter_chunks(segments, head_dim: int, msb: bool = False, chunk: int | None = None):
+    """Decode code segments [(data, bits, tokens)] in token order, a chunk at a time: yields
+    (first token, float64 codes (H, m, head_dim)), MSB-aligned to 16 bits if msb; the array is reused
+    between chunks. data: packed rows (H, >= bytes) uint8, or codes (H, tokens, head_dim)."""
+    chunk = chunk or CHUNK_TOKENS
+    lo, scratch = 0, None
+    for data, bits, n in segments:
+        if scratch is None:
+            scratch = np.empty((data.shape[0], chunk, head_dim))
+        for t0, c in _segment_chunks(data, bits, n, head_dim, chunk, scratch, msb):
+            yield lo + t0, c
+        lo += n
+
+
+def batched_scores(qcodes, qexp, ksegs, kscale, kzero, chunk: int | None = None) -> np.ndarray:
+    """Scores (H, G, T) of numerics.md section 5 for H KV heads: qcodes (H, G, hd) int, qexp (H, G) int,
+    ksegs code segments [(data, bits, tokens)] in token order, kscale/kzero (H, T) bf16 patterns.
+    D = Q . c is exact in float64 BLAS (|D| < 2^38)."""
+    qcodes = np.asarray(qcodes)
+    H, G, hd = qcodes.shape
+    qf = qcodes.astype(np.float64)
+    df = np.empty((H, G, kscale.shape[1]))
+    for lo, c in iter_chunks(ksegs, hd, chunk=chunk):
+        np.matmul(qf, c.transpose(0, 2, 1), out=df[:, :, lo:lo + c.shape[1]])
+    d = df.astype(np.int64)
+    sq = qcodes.astype(np.int64).sum(axis=2)[:, :, None]
+    ms, xs = bf16_fields(kscale)
+    mz, xz = bf16_fields(kzero)
+    eq = np.asarray(qexp).astype(np.int64)[:, :, None]
+    t1 = shift_round_saturate(ms[:, None, :] * d, -(xs[:, None, :] + eq + SCORE_FRAC), TERM_LIMIT_BITS)
+    t2 = shift_round_saturate(mz[:, None, :] * sq, -(xz[:, None, :] + eq + SCORE_FRAC), TERM_LIMIT_BITS)
+    lim = (1 << (SCORE_BITS - 1)) - 1
+    return np.clip(t1 - t2, -lim, lim)
+
+
+def _weighted_code_sum(w: np.ndarray, vsegs, head_dim: int, chunk: int | None) -> np.ndarray:
+    """sum_t W_t * c16_td (H, G, head_dim) int64, exact: per segment, sum_t W_t * c_td in float64 chunks of at
+    most 2^(26 - bits) tokens (each sum below 2^(26 + bits) * 2^(26 - bits) = 2^52), then << (16 - bits)."""
+    wf = w.astype(np.float64)
+    H, G, _ = w.shape
+    acc = np.zeros((H, G, head_dim), np.int64)
+    cap = chunk or CHUNK_TOKENS
+    scratch = np.empty((H, min(cap, max(n for _, _, n in vsegs)), head_dim))
+    lo = 0
+    for data, bits, n in vsegs:
+        step = max(1, min(cap, 1 << (W_BITS - bits)))
+        part = np.zeros_like(acc)
+        for t0, c in _segment_chunks(data, bits, n, head_dim, step, scratch, msb=False):
+            part += np.matmul(wf[:, :, lo + t0:lo + t0 + c.shape[1]], c).astype(np.int64)
+        acc += part << (16 - bits)
+        lo += n
     return acc
+
+
+def attention_partials(qcodes, qexp, ksegs, kbits, kscale, kzero, vsegs, vbits, vscale, vzero,
+                       chunk: int | None = None):
+    """THE datapath arithmetic (numerics.md sections 5-7): partials for H KV heads at once.
+
+    qcodes (H, G, hd) int, qexp (H, G); ksegs/vsegs: code segments in token order [(data, bits, tokens)],
+    data packed rows (H, >= bytes) uint8 or codes (H, tokens, hd); kbits/vbits (T,) width of each token;
+    scale/zero (H, T) bf16 patterns; chunk: tokens decoded at a time (default CHUNK_TOKENS).
+    Returns m (H, G), L (H, G), acc (H, G, hd) int64, E (H,) int64. Raises ValueError for a value scale <= 0."""
+    qcodes = np.asarray(qcodes)
+    hd = qcodes.shape[2]
+    s = batched_scores(qcodes, qexp, ksegs, kscale, kzero, chunk)
+    m = s.max(axis=2)
+    p = exp2_neg(m[:, :, None] - s)
+    ms, xs = bf16_fields(vscale)
+    mz, xz = bf16_fields(vzero)
+    if np.any(ms <= 0):
+        raise ValueError("value scales must be positive")
+    vb = np.asarray(vbits, np.int64)[None, :]
+    E = np.max(np.maximum(xs + vb, xz), axis=1)                         # (H,) magnitude exponent of the run
+    Eb = E[:, None, None]
+    # W: p * s in the accumulator unit per MSB-aligned code c16; Z: p * z in the same unit.
+    w = shift_round(p * ms[:, None, :], Eb + W_SHIFT_BIAS - (xs + vb)[:, None, :])
+    z = shift_round(p * mz[:, None, :], Eb + Z_SHIFT_BIAS - xz[:, None, :])
+    acc = _weighted_code_sum(w, vsegs, hd, chunk) - z.sum(axis=2)[:, :, None]
+    return m, p.sum(axis=2), acc, E
+
+
+def _segments(blocks: Sequence[QuantizedKV]):
+    """One KV head's blocks as code segments for the batched form (H = 1, unpacked codes)."""
+    return [(b.codes[None], b.bits, b.tokens) for b in blocks]
+
+
+SINGLE_HEAD_CHUNK = 4096  # one head's chunks can be larger than the host's (H heads at once) and stay in cache
 
 
 def scores(query: Query, keys: Sequence[QuantizedKV]) -> np.ndarray:
     """Integer scores (G, T), log2 domain with 16 fraction bits, saturating at +-(2^31 - 1)."""
     _, scale, zero = _token_fields(keys, "key", query.codes.shape[1])
-    d = _dot_products(query, keys)
-    sq = query.codes.sum(axis=1)
-    ms, xs = bf16_fields(scale)
-    mz, xz = bf16_fields(zero)
-    eq = query.exp[:, None]
-    t1 = shift_round_saturate(ms * d, -(xs + eq + SCORE_FRAC), TERM_LIMIT_BITS)
-    t2 = shift_round_saturate(mz * sq[:, None], -(xz + eq + SCORE_FRAC), TERM_LIMIT_BITS)
-    lim = (1 << (SCORE_BITS - 1)) - 1
-    return np.clip(t1 - t2, -lim, lim)
+    return batched_scores(query.codes[None], query.exp[None], _segments(keys), scale[None], zero[None],
+                          SINGLE_HEAD_CHUNK)[0]
 
 
 def attention_partial(query: Query, keys: Sequence[QuantizedKV], values: Sequence[QuantizedKV]) -> Partial:
-    """What one engine returns for one run of at most 2^16 tokens (two passes: keys, then values)."""
-    s = scores(query, keys)
+    """What one engine returns for one run of at most 2^16 tokens (two passes: keys, then values):
+    the H = 1 case of attention_partials."""
+    kbits, kscale, kzero = _token_fields(keys, "key", query.codes.shape[1])
     bits, scale, zero = _token_fields(values, "value", query.codes.shape[1])
-    if bits.size != s.shape[1]:
-        raise ValueError(f"{s.shape[1]} key tokens but {bits.size} value tokens")
+    if bits.size != kbits.size:
+        raise ValueError(f"{kbits.size} key tokens but {bits.size} value tokens")
     if bits.size > MAX_PARTIAL_TOKENS:
         raise ValueError(f"a partial covers at most {MAX_PARTIAL_TOKENS} tokens, got {bits.size}")
-    m = s.max(axis=1)
-    p = exp2_neg(m[:, None] - s)
-    ms, xs = bf16_fields(scale)
-    mz, xz = bf16_fields(zero)
-    if np.any(ms <= 0):
-        raise ValueError("value scales must be positive")
-    E = int(np.max(np.maximum(xs + bits, xz)))
-    # W: p * s in the accumulator unit per MSB-aligned code c16; Z: p * z in the same unit.
-    w = shift_round(p * ms, E - ACC_UNIT_OFFSET + 48 - xs - bits)
-    z = shift_round(p * mz, E - ACC_UNIT_OFFSET + P_FRAC - xz)
-    acc = _weighted_code_sum(w, values) - z.sum(axis=1)[:, None]
-    return Partial(m=m, L=p.sum(axis=1), acc=acc, E=E)
+    m, L, acc, E = attention_partials(query.codes[None], query.exp[None], _segments(keys), kbits, kscale[None],
+                                      kzero[None], _segments(values), bits, scale[None], zero[None],
+                                      SINGLE_HEAD_CHUNK)
+    return Partial(m=m[0], L=L[0], acc=acc[0], E=int(E[0]))
 
 
 def normalize(part: Partial) -> np.ndarray:

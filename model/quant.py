@@ -127,23 +127,48 @@ def pack_codes(codes, bits: int, word_bits: int = 512) -> np.ndarray:
     return np.concatenate([raw, np.zeros((-raw.size) % word_bytes, np.uint8)])
 
 
+def _lut(bits: int) -> np.ndarray:
+    """256 x (8 / bits) table: the codes held by each byte value, LSB first."""
+    per = 8 // bits
+    b = np.arange(256, dtype=np.uint16)[:, None]
+    return (b >> (np.arange(per, dtype=np.uint16) * bits)) & ((1 << bits) - 1)
+
+
+_LUTS = {b: _lut(b) for b in (4, 2)}
+_LUTS_F64 = {(b, msb): _LUTS[b] * float(1 << (16 - b) if msb else 1) for b in (4, 2) for msb in (False, True)}
+
+
+def unpack_rows(rows: np.ndarray, bits: int, tokens: int, head_dim: int, out=None, msb: bool = False):
+    """THE unpacker (inverse of pack_codes), for H blocks at once: packed rows (H, >= bytes of the block) uint8
+    -> codes (H, tokens, head_dim). Returns uint16 codes, or writes them into the float64 array `out`
+    (MSB-aligned to 16 bits, c << (16 - bits), if msb). Byte-wise table lookup for 4 and 2 bits."""
+    n = tokens * head_dim
+    h = rows.shape[0]
+    if bits == 16:  # each row is contiguous, so it can be reinterpreted in place
+        codes = rows[:, :2 * n].view("<u2").reshape(h, tokens, head_dim)
+    elif bits == 8:
+        codes = rows[:, :n].reshape(h, tokens, head_dim)
+    else:
+        per = 8 // bits
+        lut = _LUTS[bits] if out is None else _LUTS_F64[bits, msb]
+        codes = lut[rows[:, :-(-n // per)]].reshape(h, -1)[:, :n].reshape(h, tokens, head_dim)
+        if out is not None:
+            out[...] = codes
+            return out
+    if out is None:
+        return codes.astype(np.uint16)
+    np.multiply(codes, float(1 << (16 - bits)) if msb else 1.0, out=out)
+    return out
+
+
 def unpack_codes(data, bits: int, tokens: int, head_dim: int) -> np.ndarray:
-    """Inverse of pack_codes: bytes -> codes (tokens, head_dim) uint16."""
+    """Inverse of pack_codes: bytes -> codes (tokens, head_dim) uint16 (one block: unpack_rows of one row)."""
     check_bits(bits)
     data = np.asarray(data, dtype=np.uint8)
     n = tokens * head_dim
     if data.size * 8 < n * bits:
         raise ValueError(f"{data.size} bytes hold fewer than {n} codes of {bits} bits")
-    if bits == 16:
-        flat = data[: 2 * n].view("<u2")
-    elif bits == 8:
-        flat = data[:n]
-    else:
-        per_byte = 8 // bits
-        shifts = (np.arange(per_byte) * bits).astype(np.uint8)
-        nbytes = -(-n // per_byte)
-        flat = ((data[:nbytes, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
-    return flat.astype(np.uint16).reshape(tokens, head_dim)
+    return unpack_rows(data.reshape(1, -1), bits, tokens, head_dim)[0]
 
 
 def pack_metadata(scale_bits, zero_bits) -> np.ndarray:
