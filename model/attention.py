@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .fixedpoint import bf16_fields, check_finite, shift_round, shift_round_saturate
-from .formats import (ACC_UNIT_OFFSET, EXP2_SEGMENTS_LOG2, MAX_PARTIAL_TOKENS, P_FRAC, QUERY_BITS,
+from .formats import (ACC_UNIT_OFFSET, EXP2_SEGMENTS_LOG2, EXP2_SHIFT_MAX, MAX_PARTIAL_TOKENS, P_FRAC, QUERY_BITS,
                       QUERY_MAX, SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS, W_BITS, W_SHIFT_BIAS, Z_SHIFT_BIAS)
 from .quant import QuantizedKV, dequantize, unpack_rows
 
@@ -79,7 +79,7 @@ def exp2_neg(x) -> np.ndarray:
     i, r = f >> low_bits, f & ((1 << low_bits) - 1)
     t0, t1 = EXP2_TABLE[i], EXP2_TABLE[i + 1]
     v = t0 - (((t0 - t1) * r + (1 << (low_bits - 1))) >> low_bits)
-    return shift_round(v, np.minimum(n, 62))
+    return shift_round(v, np.minimum(n, EXP2_SHIFT_MAX))
 
 
 def _token_fields(blocks: Sequence[QuantizedKV], what: str, head_dim: int | None = None):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP
+
 BF16_MAX = float.fromhex("0x1.fep127")
 
 
@@ -48,7 +50,7 @@ def _bf16_field_tables() -> tuple[np.ndarray, np.ndarray]:
     exp_field, frac = (b >> 7) & 0xFF, b & 0x7F
     normal = exp_field != 0
     mant = np.where(normal, frac + 128, frac)
-    return np.where(b >> 15 != 0, -mant, mant), np.where(normal, exp_field - 134, -133)
+    return np.where(b >> 15 != 0, -mant, mant), np.where(normal, exp_field - BF16_EXP_BIAS, BF16_SUBNORMAL_EXP)
 
 
 _BF16_MANT, _BF16_EXP = _bf16_field_tables()
@@ -57,8 +59,8 @@ _BF16_MANT, _BF16_EXP = _bf16_field_tables()
 def bf16_fields(bits) -> tuple[np.ndarray, np.ndarray]:
     """Split bf16 bit patterns into (signed integer mantissa m, exponent x) with value = m * 2^x.
 
-    Normal numbers: m = +-(128 + fraction), x = exponent_field - 134. Subnormals and zero:
-    m = +-fraction, x = -133. Inf/NaN patterns are rejected (they never reach the device).
+    Normal numbers: m = +-(128 + fraction), x = exponent_field - BF16_EXP_BIAS (134). Subnormals and zero:
+    m = +-fraction, x = BF16_SUBNORMAL_EXP (-133). Inf/NaN patterns are rejected (they never reach the device).
     """
     b = np.asarray(bits, dtype=np.uint16)
     if np.any((b & 0x7F80) == 0x7F80):

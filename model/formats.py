@@ -8,6 +8,7 @@ SCORE_BITS = 32                      # saturating, symmetric +-(2^31 - 1)
 TERM_LIMIT_BITS = 62                 # each score term saturates at +-(2^62 - 1) before the subtraction
 P_FRAC = 32                          # softmax weights p = 2^(score - max) in [0, 1], 32 fraction bits
 EXP2_SEGMENTS_LOG2 = 8               # exp2 table: 256 segments, 257 entries, linear interpolation
+EXP2_SHIFT_MAX = 62                  # p = rshr(v, min(n, EXP2_SHIFT_MAX)) (numerics.md section 6)
 W_BITS = 26                          # per-token value weights W < 2^26 (a DSP48E2 27-bit port, unsigned)
 ACC_UNIT_OFFSET = 8 + W_BITS         # accumulator unit = 2^(E - ACC_UNIT_OFFSET)
 MAX_PARTIAL_TOKENS = 1 << 16         # tokens one partial may cover: keeps every accumulator in int64

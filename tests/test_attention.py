@@ -227,3 +227,16 @@ def test_score_terms_saturate_at_the_spec_limit():
     assert both >= 20 and near >= 20 and wide >= 100, (both, one, near, wide)
     assert cov["T1_sat"] >= 20 and cov["T2_sat"] >= 20
     assert all(abs(a - b) < 2**31 for a, b in zip(t1, t2))
+
+
+def test_formats_are_the_documented_numbers():
+    """model/formats.py is what the RTL, golden model and benches share; pin it to numerics.md's numbers."""
+    from numerics_spec import P_SHIFT_CAP, SCORE_LIMIT
+    assert (F.BF16_EXP_BIAS, F.BF16_SUBNORMAL_EXP) == (134, -133)                 # section 1
+    assert (F.W_SHIFT_BIAS, F.Z_SHIFT_BIAS, F.ACC_UNIT_OFFSET) == (14, -2, 34)     # section 7: E + 14, E - 2
+    assert F.W_BITS == 26 and F.P_FRAC == 32 and F.SCORE_FRAC == 16
+    assert F.SCORE_BITS - 1 == SCORE_LIMIT and F.EXP2_SHIFT_MAX == P_SHIFT_CAP == 62
+    assert F.WIDTH_CODES == {2: 0, 4: 1, 8: 2, 16: 3}
+    assert all(F.code_bits(F.width_code(b)) == b for b in F.SUPPORTED_BITS)
+    with pytest.raises(ValueError):
+        F.width_code(3)
