@@ -1,11 +1,17 @@
 """The whole kernel RTL on Verilator, run by a C++ harness (sim/kernel_harness.cpp) as a long-running process:
 the host's simulated board (`--board sim`). No Python per cycle: the harness drives AXI4-Lite, serves every
-AXI4 master from one byte-addressed memory with a fixed latency, and polls ap_done itself.
+AXI4 master from one byte-addressed memory under the HBM model of sim/hbm.py (per pseudo-channel bandwidth,
+read latency, the cross-PC penalty), and polls ap_done itself.
 
-    sim = KernelSim(KernelConfig(head_dim=64, groups=3))   # builds (cached) and starts the simulator
-    sim.add_region(addr, nbytes); sim.write(addr, data); sim.read(addr, nbytes)
+    sim = KernelSim(KernelConfig(head_dim=64, groups=3))   # builds (cached) and starts; HbmModel() by default
+    sim = KernelSim(cfg, hbm=HbmModel(clock_mhz=300))      # another model; latency=N: the former fixed-latency,
+                                                           # unlimited-bandwidth memory
+    sim.add_region(addr, nbytes, pc=0); sim.write(addr, data); sim.read(addr, nbytes)
     sim.write_reg(off, value); sim.read_reg(off); sim.wait_done()
     sim.counters()       # cycles, kernel cycles (ap_start -> ap_done), launches, memory faults
+    sim.port_stats(e)    # engine e's read beats since the last ap_start (first/last beat cycle, cross-PC beats)
+
+Engine e's own PCs are `cfg.engine_pcs(e)` (hw/kernel.py); a beat from any other PC pays the cross penalty.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from pmkvq_accel.hw import regmap as R
 from pmkvq_accel.hw.kernel import KernelConfig
 
 from . import runner
+from .hbm import HBM_PCS, HbmModel, home_pcs
 from .kernel_build import build_kernel
 
 HARNESS = Path(__file__).with_name("kernel_harness.cpp")
@@ -65,11 +72,20 @@ def build_harness(cfg: KernelConfig) -> Path:
 
 
 class KernelSim:
-    def __init__(self, cfg: KernelConfig, latency: int = 100):
+    def __init__(self, cfg: KernelConfig, hbm: HbmModel | None = None, latency: int | None = None):
+        """hbm: the memory model (default HbmModel(), the realistic U280). latency (cycles), only without hbm:
+        the former memory, a fixed read latency and no bandwidth limit (HbmModel.fixed_latency)."""
+        if hbm is not None and latency is not None:
+            raise ValueError("give either hbm= or latency=, not both")
         self.cfg = cfg
+        self.hbm = hbm if hbm is not None else (HbmModel.fixed_latency(int(latency)) if latency is not None
+                                                else HbmModel())
         exe = build_harness(cfg)
-        self.proc = subprocess.Popen([str(exe), str(int(latency))], stdin=subprocess.PIPE,
+        args = [str(self.hbm.read_latency)] if self.hbm.ideal else self.hbm.harness_args()
+        self.proc = subprocess.Popen([str(exe)] + args, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for e in range(cfg.engines):
+            self._call(f"H {e} {sum(1 << p for p in home_pcs(cfg, e))}")
 
     def _call(self, line: str, payload: bytes = b"") -> str:
         if self.proc.poll() is not None:
@@ -89,8 +105,11 @@ class KernelSim:
             raise SimError(reply[4:])
         return reply
 
-    def add_region(self, address: int, nbytes: int) -> None:
-        self._call(f"A {int(address)} {int(nbytes)}")
+    def add_region(self, address: int, nbytes: int, pc: int = 0) -> None:
+        """A zeroed memory region in HBM pseudo-channel `pc` (0..31)."""
+        if not 0 <= int(pc) < HBM_PCS:
+            raise ValueError(f"pseudo-channel {pc} is not 0..{HBM_PCS - 1}")
+        self._call(f"A {int(address)} {int(nbytes)} {int(pc)}")
 
     def write(self, address: int, data: bytes) -> None:
         self._call(f"W {int(address)} {len(data)}", bytes(data))
@@ -117,6 +136,15 @@ class KernelSim:
         cyc, kern, launches, faults, first = map(int, self._call("C").split())
         return {"cycles": cyc, "kernel_cycles": kern, "launches": launches, "faults": faults,
                 "first_fault": first}
+
+    def port_stats(self, engine: int = 0) -> dict:
+        """Engine `engine`'s AXI traffic since the last ap_start: read beats, the cycles of the first and last
+        read beat, beats from PCs not its own, write beats; `r_idle` = cycles between the first and last beat
+        without one."""
+        beats, first, last, cross, wbeats = map(int, self._call(f"T {int(engine)}").split())
+        idle = (last - first + 1 - beats) if beats else 0
+        return {"r_beats": beats, "r_first": first, "r_last": last, "r_idle": idle, "cross_beats": cross,
+                "w_beats": wbeats}
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -1,0 +1,82 @@
+"""hw/card.py (the whole-card plan: engines per SLR, PCs per engine, composed resources) and sim/hbm.py's
+HbmModel figures. Pure Python, fast."""
+import json
+
+import pytest
+
+from pmkvq_accel.hw import card as C
+from pmkvq_accel.sim.hbm import HbmModel
+
+
+def test_todays_engine_fits_one_per_slr():
+    """1 640 DSP48E2 per engine: two would exceed 90 % of any SLR's DSPs, so the card holds three."""
+    p = C.plan()
+    assert p.engines_per_slr == {"SLR0": 1, "SLR1": 1, "SLR2": 1}
+    assert p.pcs_per_engine == 10 and p.engine_pcs(2) == tuple(range(20, 30))
+    assert [p.engine_slr(e) for e in range(3)] == ["SLR0", "SLR1", "SLR2"]
+    assert not p.violations()
+    assert not C.fits(2, C.TODAY_ENGINE, "SLR2")
+
+
+def test_lean_engine_fills_the_card_and_respects_limits():
+    lean = C.EngineResources(lut=30_000, ff=30_000, dsp=400, bram36=20, uram=10, source="test")
+    p = C.plan(lean)
+    assert p.engines == 16                      # KernelConfig's bound, not the SLRs
+    assert not p.violations()
+    res = p.resources()
+    # the composition: engines x engine + glue (SLR0) + slices of every crossing master
+    cross = p.crossings()
+    for s in C.SLRS:
+        want = p.engines_per_slr[s] * lean.lut + cross[s] * C.SLR_CROSSING.lut + (C.KERNEL_GLUE.lut if s == "SLR0" else 0)
+        assert res["per_slr"][s]["lut"]["used"] == want
+    assert sum(p.engines_per_slr.values()) == 16 and p.pcs_per_engine == 2
+    p32 = C.plan(lean, max_engines=32)
+    assert p32.engines <= 32 and p32.engines * p32.pcs_per_engine <= C.HBM_PCS
+
+
+def test_forced_engine_count_over_the_limit_is_reported():
+    p = C.plan(engines=5)
+    assert p.engines == 5 and p.violations()
+    with pytest.raises(ValueError):
+        C.plan(engines=33)
+    with pytest.raises(ValueError):
+        C.plan(engines=4, pcs_per_engine=9)
+
+
+def test_crossings_count_boundaries():
+    p = C.plan(engines=3)
+    # engine 1 (SLR1) crosses SLR1|SLR0, engine 2 (SLR2) crosses SLR2|SLR1 and SLR1|SLR0
+    assert p.crossings() == {"SLR0": 2, "SLR1": 3, "SLR2": 1}
+
+
+def test_engine_resources_from_report(tmp_path):
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"resources": {"LUT": 40_000, "FF": 1, "DSP": 800, "BRAM36": 10, "URAM": 4}}))
+    r = C.EngineResources.from_report(f)
+    assert (r.lut, r.dsp, r.bram36, r.uram) == (40_000, 800, 10.0, 4) and str(f) in r.source
+    f.write_text(json.dumps({"lut": 0, "dsp": 3}))
+    with pytest.raises(ValueError, match="lut"):
+        C.EngineResources.from_report(f)
+
+
+def test_compute_bound_arithmetic():
+    """2-bit bodies: a byte holds 4 codes, each G MACs; the card's DSPs at 2 MACs each per cycle."""
+    c = C.compute_bound(groups=3, body_bits=2, dsp=1000, macs_per_dsp=2, clock_mhz=200)
+    assert c["macs_per_byte"] == 12 and c["macs_per_cycle"] == 2000
+    assert c["gbps"] == pytest.approx(2000 * 200e6 / 12 / 1e9)
+
+
+def test_hbm_model_figures():
+    m = HbmModel()
+    assert m.clock_mhz == C.CARD_CLOCK_MHZ == 225
+    assert m.pc_gbps == pytest.approx(14.375 * 0.92)
+    assert m.pc_bytes_per_cycle == pytest.approx(14.375e9 * 0.92 / 225e6)
+    assert m.read_latency == 68 and m.cross_latency == 23                 # 300 ns, 100 ns at 225 MHz
+    assert m.cross_beat_cost == pytest.approx(64 * 2)                     # half the bandwidth across
+    assert m.port_words_per_cycle(1) == pytest.approx(58.78 / 64, rel=1e-3) and m.port_words_per_cycle(2) == 1
+    assert HbmModel(clock_mhz=300).port_words_per_cycle(1) == pytest.approx(0.689, rel=1e-3)
+    ideal = HbmModel.fixed_latency(100)
+    assert ideal.read_latency == 100 and ideal.ideal and ideal.cross_latency == 0
+    assert ideal.harness_args()[2] != m.harness_args()[2]
+    with pytest.raises(ValueError):
+        HbmModel(cross_efficiency=0.95)
