@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 JOBS    ?= 2
 
-.PHONY: venv run test sim bench-golden bench-host bench-datapath bench-kernel calib eval bitstream clean
+.PHONY: venv run test sim bench-golden bench-host bench-datapath bench-kernel bench-card calib eval bitstream clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ bench-datapath: $(STAMP)
 
 bench-kernel: $(STAMP)
 	$(PY) sim/bench_kernel.py
+
+# Whole-U280 projection from the RTL (one engine's cycles under the HBM model, docs/card.md).
+bench-card: $(STAMP)
+	$(PY) sim/bench_card.py --json build/card/card.json --plot build/card/card.png
 
 # Vitis RTL kernel: Verilog, kernel.xml, package_xo.tcl, link.cfg; the .xclbin where v++ is installed,
 # an open-source synthesis estimate (and exit status 3) where it is not.

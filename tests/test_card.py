@@ -80,3 +80,30 @@ def test_hbm_model_figures():
     assert ideal.harness_args()[2] != m.harness_args()[2]
     with pytest.raises(ValueError):
         HbmModel(cross_efficiency=0.95)
+
+
+# ---- sim/bench_card.py's bookkeeping (the RTL runs are `make bench-card`) ----
+def test_bench_card_slices_and_bytes():
+    from pmkvq_accel.sim import bench_card as BC
+    shape = BC.SHAPES["llama-8b"]
+    sl = BC.engine_slices(32768, 3)
+    assert len(sl) == 3 and sum(t for s in sl for t in s) == 32768
+    assert sl[0][0] == 1 and all(s[0] == 0 for s in sl[1:])          # the sink in engine 0
+    assert sum(1 for s in sl if s[2]) == 1                           # one engine holds the filling window
+    assert all(s[1] % BC.WINDOW == 0 for s in sl)                   # bodies are whole windows
+    assert max(s[1] for s in sl) - min(s[1] for s in sl) <= BC.WINDOW
+    h = BC.heaviest(sl, shape, 2, 2)
+    assert BC.kv_bytes(shape, *h, 2, 2) == max(BC.kv_bytes(shape, *s, 2, 2) for s in sl)
+    # 1 token at 16 bits, keys and values, 8 heads: codes 2 x 128 x 2 bytes + 2 metadata words
+    assert BC.kv_bytes(shape, 1, 0, 0, 16, 16) == 8 * (2 * 128 * 2 + 8)
+    assert BC.kv_bytes(shape, 0, 64, 0, 2, 4) == 8 * (64 * 128 * 6 // 8 + 64 * 8)
+
+
+def test_bench_card_mix_is_the_committed_table():
+    import json
+    from pmkvq_accel.sim import bench_card as BC
+    t = json.loads(BC.TABLE.read_text())["layers"]
+    w30 = BC.table_widths(30)
+    assert w30 == [(x["key_bits"], x["value_bits"]) for x in t]
+    w32 = BC.table_widths(32)
+    assert len(w32) == 32 and set(w32) <= set(w30) and w32[0] == w30[0] and w32[-1] == w30[-1]
