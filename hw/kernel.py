@@ -410,15 +410,42 @@ class Engine(Elaboratable):
                 with m.If((phase == 3) & (results == G) & (rec_left == 0)):
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
-        m.d.comb += self.debug.eq(Cat(
-            Cat(*[fsm.ongoing(st) for st in ("IDLE", "QUERY", "FEED", "FINISH")]),   # [3:0] engine state
-            seq.ongoing("LOAD"), seq.ongoing("RUN"),                                # [5:4] sequencer state
-            phase, src, seg,                                                  # [6:8] [9:11] [12:13]
-            Cat(*[ch[n].data.valid for n in names]),                         # [14:18] channel has data
-            Cat(*[ch[n].cmd.ready for n in names]),                          # [19:23] channel idle
-            dp.job.ready, dp.data.ready, dp.result.valid, wr.idle,           # [24:27]
-            su.o.valid, x_meta_cmd, in_group != 0, rem != 0))                # [28:31]
+        fields = debug_fields(
+            state=Cat(*[fsm.ongoing(st) for st in ENGINE_STATES]), seq=Cat(seq.ongoing("LOAD"), seq.ongoing("RUN")),
+            phase=phase, src=src, seg=seg, data_valid=Cat(*[ch[n].data.valid for n in names]),
+            cmd_ready=Cat(*[ch[n].cmd.ready for n in names]),
+            dp=Cat(dp.job.ready, dp.data.ready, dp.result.valid), wr_idle=wr.idle,
+            x=Cat(su.o.valid, x_meta_cmd))
+        m.d.comb += self.debug.eq(Cat(*fields))
         return m
+
+
+ENGINE_STATES = ("IDLE", "QUERY", "FEED", "FINISH", "X_ISSUE", "X_RUN")
+# The DEBUG register (regmap.DEBUG, engine 0): (field, bits) from bit 0 up. docs/kernel-interface.md lists it.
+DEBUG_FIELDS = (("state", len(ENGINE_STATES)),   # one-hot engine state, in ENGINE_STATES order
+                ("seq", 2),                        # sequencer LOAD, RUN
+                ("phase", 2),                      # 0 key pass, 1 value metadata, 2 value codes, 3 done
+                ("src", 3),                        # word source: 0 none, 1 kmeta, 2 kcode, 3 vmeta, 4 vcode
+                ("seg", 2),                        # segment index (sink, body, window)
+                ("data_valid", 5),                 # channel has data: query, kmeta, kcode, vmeta, vcode
+                ("cmd_ready", 5),                  # channel takes a command (idle), same order
+                ("dp", 3),                         # datapath job.ready, data.ready, result.valid
+                ("wr_idle", 1),                    # writer idle
+                ("x", 2))                          # SHRINK/COPY: shrink output valid, metadata command issued
+assert sum(w for _, w in DEBUG_FIELDS) <= 32
+
+
+def debug_fields(**signals):
+    """The DEBUG fields in DEBUG_FIELDS order, each checked against its declared width."""
+    out = []
+    for name, width in DEBUG_FIELDS:
+        sig = signals.pop(name)
+        if len(sig) != width:
+            raise AssertionError(f"debug field {name} is {len(sig)} bits, DEBUG_FIELDS says {width}")
+        out.append(sig)
+    if signals:
+        raise AssertionError(f"debug fields not in DEBUG_FIELDS: {sorted(signals)}")
+    return out
 
 
 def _lb(bits):

@@ -272,21 +272,31 @@ def body_capacity(cfg: CacheConfig, budget: float, max_len: int, engines: int = 
 
 def cache_geometry(cfg: CacheConfig, key_budget: float, value_budget: float, max_len: int,
                    engines: int = 1) -> CacheGeometry:
+    """The geometry the host's cache manager uses: body capacities from the PM-KVQ accounting."""
     check_cache_config(cfg, max_len)
     if not 1 <= engines <= MAX_ENGINES:
         raise ValueError(f"engines must be 1..{MAX_ENGINES}, got {engines!r}")
-    hd = cfg.head_dim
-    sink = codes_bytes(cfg.n_sink, hd, 16)
-    window = codes_bytes(cfg.window, hd, 16)
-    body_tokens = 0
+    (kbytes, ktok), (vbytes, vtok) = (body_capacity(cfg, b, max_len, engines) for b in (key_budget, value_budget))
+    return geometry(cfg, max_len, engines, kbytes, vbytes, max(ktok, vtok))
 
-    def kind(budget):
-        nonlocal body_tokens
-        body, tokens = body_capacity(cfg, budget, max_len, engines)
-        body_tokens = max(body_tokens, tokens)
+
+def fixed_geometry(cfg: CacheConfig, body_tokens: int, engines: int = 1) -> CacheGeometry:
+    """A geometry with room for `body_tokens` body tokens at 16 bits per engine (testbenches and tools that
+    place blocks directly, without the accounting)."""
+    body = codes_bytes(body_tokens, cfg.head_dim, 16)
+    return geometry(cfg, body_tokens + cfg.n_sink + cfg.window, engines, body, body, body_tokens)
+
+
+def geometry(cfg: CacheConfig, max_len: int, engines: int, key_body_bytes: int, value_body_bytes: int,
+             body_tokens: int) -> CacheGeometry:
+    """[sink | window | body] codes and metadata regions per head with the given body capacities."""
+    hd = cfg.head_dim
+    sink, window = codes_bytes(cfg.n_sink, hd, 16), codes_bytes(cfg.window, hd, 16)
+
+    def kind(body):
         return KindLayout(window_off=sink, body_off=sink + window, body_capacity=body,
                           codes_stride=sink + window + body)
-    keys, values = kind(key_budget), kind(value_budget)
     msink, mwin = ceil_words(4 * cfg.n_sink), ceil_words(4 * cfg.window)
-    return CacheGeometry(cfg, max_len, engines, keys, values, meta_window_off=msink, meta_body_off=msink + mwin,
+    return CacheGeometry(cfg, max_len, engines, kind(key_body_bytes), kind(value_body_bytes),
+                         meta_window_off=msink, meta_body_off=msink + mwin,
                          meta_stride=msink + mwin + ceil_words(4 * body_tokens))

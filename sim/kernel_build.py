@@ -4,13 +4,9 @@ The kernel's top level has named ports (Vitis names), so it is exported with ker
 the runner's Component conversion."""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from . import runner
-
-KERNEL_FILES = ("axi.py", "kernel.py", "regmap.py")
 
 
 def build_kernel(engines: int = 1, word_bits: int = 128, head_dim: int = 64, groups: int = 3,
@@ -23,10 +19,7 @@ def build_kernel(engines: int = 1, word_bits: int = 128, head_dim: int = 64, gro
     key = runner.design_key("kernel", params)
     bdir = runner.BUILD_ROOT / key
     stamp = bdir / "stamp"
-    h = hashlib.sha256(runner._source_hash(json.dumps(params, sort_keys=True)).encode())
-    for f in KERNEL_FILES:
-        h.update((runner.HW_DIR / f).read_bytes())
-    want = h.hexdigest()[:16]
+    want = runner.rtl_source_key(dict(params, top="kernel"))   # every source the RTL reads, and the parameters
     with runner._locked(runner.BUILD_ROOT / f".{key}.lock"):
         if stamp.exists() and stamp.read_text() == want and (bdir / "pmkvq_attn").exists():
             return bdir

@@ -1,5 +1,7 @@
-"""Host-side view used by the kernel testbenches: build a device-memory image of one layer's KV heads per
-docs/kernel-interface.md, the register values of a launch, and the expected partial records."""
+"""Device-memory images for the kernel testbenches, built with the host's contract code (hw/regmap.py: the
+per-engine geometry, the record formats, the register names): every engine's buffer laid out as the host
+lays it out, [query records | partial records | one layer], with each engine's own sink/body/window blocks
+per KV head, the launch registers, and the expected partial records of every engine."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,20 +10,16 @@ import numpy as np
 
 from pmkvq_accel.hw import regmap as R
 from pmkvq_accel.model.attention import Query, attention_partial
+from pmkvq_accel.model.cache import CacheConfig
 from pmkvq_accel.model.quant import QuantizedKV, pack_codes, pack_metadata
 
-W = R.WORD_BYTES
-
-
-def align(n: int) -> int:
-    return R.ceil_words(n)
+BASE = 0x10000        # engine 0's buffer; engine e's at BASE + e * span (span: the buffer rounded to 64 KiB)
 
 
 def meta_bytes(block: QuantizedKV | None) -> bytes:
     if block is None or block.tokens == 0:
         return b""
-    words = pack_metadata(block.scale, block.zero).astype("<u4")
-    return words.tobytes()
+    return pack_metadata(block.scale, block.zero).astype("<u4").tobytes()
 
 
 def code_bytes(block: QuantizedKV | None) -> bytes:
@@ -30,86 +28,103 @@ def code_bytes(block: QuantizedKV | None) -> bytes:
     return pack_codes(block.codes, block.bits, R.WORD_BITS).tobytes()
 
 
+def _tokens(b):
+    return 0 if b is None else b.tokens
+
+
 @dataclass
 class Head:
-    """One KV head: (sink, body, window) blocks for keys and values, and its G-head query."""
+    """One KV head's slice in one engine: (sink, body, window) blocks for keys and values (None = empty),
+    and the head's G-head query (the same in every engine)."""
     keys: tuple
     values: tuple
     query: Query
 
 
-def build_image(heads: list[Head], base: int = 0x10000, sink_cap: int = 1, window_cap: int = 128,
-                body_cap: int = 2048):
-    """Lay out heads as the contract says; return (memory bytes dict addr->bytes, args dict)."""
-    head_dim = heads[0].query.codes.shape[1]
-    G = heads[0].query.codes.shape[0]
-    sink_b = align(sink_cap * head_dim * 2)
-    win_b = align(window_cap * head_dim * 2)
-    body_b = align(body_cap * head_dim * 2)
-    codes_stride = sink_b + win_b + body_b
-    msink, mwin, mbody = align(4 * sink_cap), align(4 * window_cap), align(4 * body_cap)
-    meta_stride = msink + mwin + mbody
-    n = len(heads)
-    k_codes = base
-    v_codes = k_codes + n * codes_stride
-    k_meta = v_codes + n * codes_stride
-    v_meta = k_meta + n * meta_stride
-    query = v_meta + n * meta_stride
-    qrec = R.query_record_bytes(head_dim)
-    partial = align(query + n * G * qrec)
+@dataclass
+class Image:
+    mem: dict             # address -> bytes
+    args: dict            # every register of the launch (shared and per engine)
+    bases: list           # engine buffer addresses
+    buffer_bytes: int     # bytes of one engine's buffer
+    geo: R.CacheGeometry
+    query_off: int
+    partial_off: int
+
+    def engine_mem(self, e: int) -> dict:
+        """The part of the image in engine e's buffer."""
+        lo, hi = self.bases[e], self.bases[e] + self.buffer_bytes
+        return {a: d for a, d in self.mem.items() if lo <= a < hi}
+
+    def offset(self, name: str, h: int = 0) -> int:
+        """Offset in an engine's buffer of head h's region `name` (k_codes, v_codes, k_meta, v_meta)."""
+        stride = {"k_codes": self.geo.keys.codes_stride, "v_codes": self.geo.values.codes_stride}.get(
+            name, self.geo.meta_stride)
+        return self.args[name] + h * stride
+
+
+def build_image(engines: list[list[Head]], sink_cap: int = 1, window_cap: int = 128, body_cap: int = 2048) -> Image:
+    """Lay out every engine's heads as the contract says. engines[e] lists engine e's KV heads (the same
+    number in each engine; an engine's blocks may all be empty)."""
+    n = len(engines[0])
+    if any(len(hs) != n for hs in engines):
+        raise ValueError("every engine covers the same KV heads")
+    first = engines[0][0]
+    G, hd = first.query.codes.shape
+    cfg = CacheConfig(n_kv_heads=n, head_dim=hd, n_sink=sink_cap, window=window_cap)
+    geo = R.fixed_geometry(cfg, body_cap, len(engines))
+    qdt, pdt = R.query_dtype(hd), R.partial_dtype(hd)
+    query_off = 0
+    partial_off = R.ceil_words(n * G * qdt.itemsize)
+    layer_off = partial_off + R.ceil_words(n * G * pdt.itemsize)
+    size = layer_off + geo.layer_bytes
+    span = -(-size // 0x10000) * 0x10000
+    bases = [BASE + e * span for e in range(len(engines))]
+    args = dict(geo.launch_args(layer_off), query=query_off, partial=partial_off, op=R.OP_ATTENTION, kind=0,
+                group=G)
     mem = {}
-    for h, hd in enumerate(heads):
-        for kind, blocks, codes_base, meta_base in (("k", hd.keys, k_codes, k_meta), ("v", hd.values, v_codes, v_meta)):
-            sink, body, window = blocks
-            cb = codes_base + h * codes_stride
-            mb = meta_base + h * meta_stride
-            mem[cb] = code_bytes(sink)
-            mem[cb + sink_b + win_b] = code_bytes(body)
-            mem[cb + sink_b] = code_bytes(window)
-            mem[mb] = meta_bytes(sink)
-            mem[mb + msink + mwin] = meta_bytes(body)
-            mem[mb + msink] = meta_bytes(window)
-        for g in range(G):
-            rec = np.zeros(qrec, np.uint8)
-            rec[:2 * head_dim] = hd.query.codes[g].astype("<i2").view(np.uint8)
-            rec[2 * head_dim:2 * head_dim + 4] = np.array([hd.query.exp[g]], "<i4").view(np.uint8)
-            mem[query + (h * G + g) * qrec] = rec.tobytes()
-    sink, body, window = heads[0].keys
-    vbody = heads[0].values[1]
-    args = dict(op=R.OP_ATTENTION, kind=0, n_heads=n, group=G, head_dim=head_dim,
-                n_sink=_tokens(sink), n_body=_tokens(body), n_window=_tokens(window),
-                k_bits=body.bits if body is not None else 16, v_bits=vbody.bits if vbody is not None else 16,
-                k_codes=k_codes, v_codes=v_codes, k_meta=k_meta, v_meta=v_meta, query=query, partial=partial,
-                k_window_off=sink_b, k_body_off=sink_b + win_b, v_window_off=sink_b, v_body_off=sink_b + win_b,
-                k_codes_stride=codes_stride, v_codes_stride=codes_stride, meta_stride=meta_stride,
-                meta_window_off=msink, meta_body_off=msink + mwin)
-    end = partial + n * G * R.partial_record_bytes(head_dim)
-    return mem, args, end
-
-
-def _tokens(b):
-    return 0 if b is None else b.tokens
+    rec = np.zeros(n * G, qdt)
+    for h, head in enumerate(engines[0]):
+        rec["q"][h * G:(h + 1) * G], rec["exp"][h * G:(h + 1) * G] = head.query.codes, head.query.exp
+    widths = {}
+    for e, heads in enumerate(engines):
+        base = bases[e]
+        mem[base + query_off] = rec.tobytes()
+        counts = [_tokens(b) for b in heads[0].keys]
+        for h, head in enumerate(heads):
+            for kind, blocks, stride in (("k", head.keys, geo.keys.codes_stride),
+                                         ("v", head.values, geo.values.codes_stride)):
+                if [_tokens(b) for b in blocks] != counts:
+                    raise ValueError("every head of an engine (keys and values) has the same slice")
+                sink, body, window = blocks
+                cb = base + args[f"{kind}_codes"] + h * stride
+                mb = base + args[f"{kind}_meta"] + h * geo.meta_stride
+                mem[cb] = code_bytes(sink)
+                mem[cb + geo.keys.body_off] = code_bytes(body)
+                mem[cb + geo.keys.window_off] = code_bytes(window)
+                mem[mb] = meta_bytes(sink)
+                mem[mb + geo.meta_body_off] = meta_bytes(body)
+                mem[mb + geo.meta_window_off] = meta_bytes(window)
+                if body is not None:
+                    widths[kind] = body.bits
+        args.update({R.engine_arg(e, f): c for f, c in zip(R.COUNT_FIELDS, counts)})
+        args[R.engine_arg(e, "base")] = base
+    args.update(k_bits=widths.get("k", 16), v_bits=widths.get("v", 16))
+    return Image(mem, args, bases, size, geo, query_off, partial_off)
 
 
 def expected_partials(heads: list[Head]):
+    """attention_partial of every head of one engine's slice (None for an engine with no tokens)."""
     out = []
     for hd in heads:
         keys = [b for b in hd.keys if b is not None and b.tokens]
         values = [b for b in hd.values if b is not None and b.tokens]
-        out.append(attention_partial(hd.query, keys, values))
+        out.append(attention_partial(hd.query, keys, values) if keys else None)
     return out
 
 
 def decode_partials(raw: bytes, n_heads: int, G: int, head_dim: int):
-    rec = R.partial_record_bytes(head_dim)
-    res = []
-    for h in range(n_heads):
-        rows = []
-        for g in range(G):
-            r = raw[(h * G + g) * rec:(h * G + g + 1) * rec]
-            m, E = np.frombuffer(r[:8], "<i4")
-            L = np.frombuffer(r[8:16], "<i8")[0]
-            acc = np.frombuffer(r[16:16 + 8 * head_dim], "<i8")
-            rows.append((int(m), int(E), int(L), acc.copy()))
-        res.append(rows)
-    return res
+    """[(m, E, L, acc)] per head and query head, from an engine's partial records."""
+    recs = np.frombuffer(raw, R.partial_dtype(head_dim), n_heads * G)
+    return [[(int(r["m"]), int(r["E"]), int(r["L"]), r["acc"].copy()) for r in recs[h * G:(h + 1) * G]]
+            for h in range(n_heads)]

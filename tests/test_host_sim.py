@@ -8,7 +8,7 @@ import pytest
 from pmkvq_accel.host.device import DeviceError, DeviceUnavailable, GoldenDevice, SimDevice
 from device_compare import assert_same_cache_results, one_layer_cache
 
-SMALL = dict(word_bits=128, max_tokens=2048, progress=None)   # = tests/kernel's build (shared)
+SMALL = dict(word_bits=128, max_tokens=2048, engines=2, progress=None)   # = tests/kernel's build (shared)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def model():
 
 
 def cache_bytes(kv):
-    return [lay.buf.read(0, lay.buf.nbytes) for lay in kv.layers]
+    return [buf.read(0, buf.nbytes) for buf in kv.bufs]
 
 
 def test_real_model_decode_matches_golden_bit_for_bit(model):
@@ -33,7 +33,7 @@ def test_real_model_decode_matches_golden_bit_for_bit(model):
     table = fallback_table(30, 3, 64, bits=2, max_len=256)   # small budgets: flushes and shrinks in 200 tokens
     prompt = tok("The quick brown fox jumps over the lazy dog. " * 18).input_ids[:190]
     runs = {}
-    for name, dev in (("golden", GoldenDevice()), ("sim", SimDevice(**SMALL))):
+    for name, dev in (("golden", GoldenDevice(engines=2)), ("sim", SimDevice(**SMALL))):
         try:
             kv = kv_cache_for(m, table, dev)
             runs[name] = (greedy_decode(m, kv, prompt, 5, progress=False), cache_bytes(kv), kv)
@@ -51,10 +51,11 @@ def test_real_model_decode_matches_golden_bit_for_bit(model):
 
 def test_cache_manager_on_the_rtl_matches_golden():
     """Random appends (prompt-sized and single tokens) through window flushes and shrinks at 4 bits."""
-    devs = [SimDevice(**SMALL), GoldenDevice()]
+    devs = [SimDevice(**SMALL), GoldenDevice(engines=2)]
     try:
         sim, gold = assert_same_cache_results(*devs, appends=(300, 1, 1, 250, 1), seed=3)
         assert sim.widths(0) == gold.widths(0) != (16, 16)
+        assert all(sum(c) for c in sim.slices(0))             # both engines hold part of the context
         assert np.array_equal(cache_bytes(sim)[0], cache_bytes(gold)[0])
     finally:
         for d in devs:
@@ -71,7 +72,7 @@ def sim_cache():
 
 
 def test_kernel_reading_outside_memory_is_an_error(sim_cache):
-    sim_cache.layers[0].args["k_codes"] += 1 << 30                  # nothing is allocated there
+    sim_cache.bases["e0_base"] += 1 << 30   # nothing is allocated there (engine 0 holds all 10 tokens)
     with pytest.raises(DeviceError, match="outside every buffer"):
         sim_cache.attention(0, np.ones((9, 64)), 0.125)
 
