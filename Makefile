@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n $(JOBS) -q
 
 sim: $(STAMP)
-	$(PY) -m pytest -n $(JOBS) -q tests/sim
+	$(PY) -m pytest -n $(JOBS) -q tests/sim tests/kernel
 
 bench-golden: $(STAMP)
 	$(PY) model/bench_golden.py

@@ -412,6 +412,10 @@ class U280Device(Device):
     def allocate(self, nbytes: int, bank: int = 0) -> DeviceBuffer:
         self.check_allocation(nbytes, bank)
         target = self._banks[bank]
+        if target is None:
+            raise DeviceError(f"u280: the loaded xclbin has no memory bank HBM{bank}, which engine "
+                              f"{bank // self.pcs_per_engine}'s buffer needs: it was built for another bank map "
+                              f"(rebuild with make bitstream)")
         buf = self._pynq.allocate(shape=(int(nbytes),), dtype=np.uint8, target=target)
         buf[:] = 0
         buf.sync_to_device()

@@ -11,7 +11,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .regmap import CONTROL_ADDR_BITS
+from .regmap import AP_DONE, AP_IDLE, AP_READY, AP_START, CONTROL_ADDR_BITS, CTRL, GIE, IER, ISR
 
 BURST_MAX = 64          # beats per AXI burst (64 x 64 bytes = one 4 KiB page)
 PAGE_BYTES = 4096       # AXI bursts must not cross a 4 KiB boundary
@@ -59,7 +59,7 @@ def axi_full_bundle(prefix: str, data_bits: int = 512) -> Bundle:
 
 # ---------------------------------------------------------------------------------------------------------
 class ControlRegisters(Elaboratable):
-    """AXI4-Lite slave with the ap_ctrl_hs register map (0x00 control, 0x04 GIE, 0x08 IER, 0x0C ISR) and
+    """AXI4-Lite slave with the ap_ctrl_hs register map (regmap CTRL, GIE, IER, ISR) and
     32-bit argument registers; a 64-bit argument is two registers, low word first.
 
     Core side: `start` is high while ap_start is set; the core pulses `ack` when it takes the arguments
@@ -116,16 +116,16 @@ class ControlRegisters(Elaboratable):
         with m.If(do_write):
             m.d.sync += [aw_full.eq(0), w_full.eq(0), b.bvalid.eq(1)]
             with m.Switch(word_addr):
-                with m.Case(0x00):
+                with m.Case(CTRL):
                     with m.If(wstrb[0]):
                         with m.If(wdata[0]):
                             m.d.sync += ap_start.eq(1)
                         m.d.sync += auto_restart.eq(wdata[7])
-                with m.Case(0x04):
+                with m.Case(GIE):
                     m.d.sync += gie.eq(wdata[0])
-                with m.Case(0x08):
+                with m.Case(IER):
                     m.d.sync += ier.eq(wdata[0:2])
-                with m.Case(0x0C):
+                with m.Case(ISR):
                     m.d.sync += isr.eq(isr ^ wdata[0:2])
                 for off, word in self._words():
                     with m.Case(off):
@@ -137,13 +137,15 @@ class ControlRegisters(Elaboratable):
         raddr = b.araddr & ~Const(3, len(b.araddr))
         rvalue = Signal(32)
         with m.Switch(raddr):
-            with m.Case(0x00):
+            with m.Case(CTRL):
+                # bit order of regmap.AP_START/AP_DONE/AP_IDLE/AP_READY (1, 2, 4, 8), auto-restart at bit 7
+                assert (AP_START, AP_DONE, AP_IDLE, AP_READY) == (1, 2, 4, 8)
                 m.d.comb += rvalue.eq(Cat(ap_start, ap_done, self.idle, ap_ready, Const(0, 3), auto_restart))
-            with m.Case(0x04):
+            with m.Case(GIE):
                 m.d.comb += rvalue.eq(gie)
-            with m.Case(0x08):
+            with m.Case(IER):
                 m.d.comb += rvalue.eq(ier)
-            with m.Case(0x0C):
+            with m.Case(ISR):
                 m.d.comb += rvalue.eq(isr)
             with m.Case(self.status_offset):
                 m.d.comb += rvalue.eq(self.status)
@@ -158,7 +160,7 @@ class ControlRegisters(Elaboratable):
                     m.d.comb += rvalue.eq(word)
         m.d.comb += b.arready.eq(~b.rvalid)
         read_ctrl = Signal()
-        m.d.comb += read_ctrl.eq(b.arvalid & b.arready & (raddr == 0))
+        m.d.comb += read_ctrl.eq(b.arvalid & b.arready & (raddr == CTRL))
         with m.If(b.arvalid & b.arready):
             m.d.sync += [b.rvalid.eq(1), b.rdata.eq(rvalue)]
         with m.Elif(b.rvalid & b.rready):
