@@ -120,19 +120,21 @@ class PcBudget:
         self.model = model
         self.credit = [0.0] * HBM_PCS
         self.cycle = -1
+        self.max_cost = float(model.word_bytes)   # the bucket holds one cycle's bytes plus one beat
 
     def tick(self, cycle: int) -> None:
         """Earn this cycle's bytes once per cycle (whichever RAM calls first)."""
         if cycle != self.cycle:
             steps = 1 if self.cycle < 0 else cycle - self.cycle
             r = self.model.pc_bytes_per_cycle
-            cap = r + 4 * self.model.cross_beat_cost
+            cap = r + self.max_cost
             self.credit = [min(c + r * steps, cap) for c in self.credit]
             self.cycle = cycle
 
     def take(self, pc: int, cost: float) -> bool:
         if pc < 0 or self.model.ideal:
             return True
+        self.max_cost = max(self.max_cost, cost)
         if self.credit[pc] >= cost - 1e-9:
             self.credit[pc] -= cost
             return True
