@@ -52,6 +52,8 @@ class _KVLayer(DynamicLayer):
     stored K/V rotated back. That equals the device path (q @ H against the stored keys, output @ H^T) up to
     float rounding, since H is orthogonal."""
 
+    rotates_itself = False   # True: _update rotates its input and returns the model frame itself (faster)
+
     def __init__(self, rotation: str = "none", **kwargs):
         super().__init__(**kwargs)
         self.rotation = check_rotation(rotation)
@@ -59,7 +61,7 @@ class _KVLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.rotation == "none":
+        if self.rotation == "none" or self.rotates_itself:
             self.keys, self.values = self._update(key_states, value_states)
             return self.keys, self.values
         self.keys, self.values = self._update(rotate(key_states, self.rotation), rotate(value_states, self.rotation))
@@ -180,11 +182,16 @@ class KIVILayer(_KVLayer):
 
 class _DequantMirror:
     """Dequantised copy of one ProgressiveStore head, updated incrementally (the body only grows at a flush
-    and is recomputed when it shrinks)."""
+    and is recomputed when it shrinks). With a rotation the copy is kept rotated back (the model's frame): the
+    rotation acts on each token alone, so the incremental update stays exact."""
 
-    def __init__(self):
+    def __init__(self, rotation: str = "none"):
         self.body_bits, self.body_n, self.body = None, 0, None
         self.sink = None
+        self.rotation = rotation
+
+    def _deq(self, block):
+        return rotate(dequantize(block), self.rotation, inverse=True)
 
     def view(self, store: ProgressiveStore, head: int) -> np.ndarray:
         occ = store.occ
@@ -193,46 +200,50 @@ class _DequantMirror:
         parts = []
         if occ.sink:
             if self.sink is None or self.sink.shape[0] != occ.sink:
-                self.sink = dequantize(blocks[i])
+                self.sink = self._deq(blocks[i])
             parts.append(self.sink)
             i += 1
         if occ.body:
             b = blocks[i]
             i += 1
             if self.body is None or b.bits != self.body_bits or b.tokens < self.body_n:
-                self.body = dequantize(b)
+                self.body = self._deq(b)
             elif b.tokens > self.body_n:
                 tail = QuantizedKV(b.codes[self.body_n:], b.scale[self.body_n:], b.zero[self.body_n:], b.bits)
-                self.body = np.concatenate([self.body, dequantize(tail)])
+                self.body = np.concatenate([self.body, self._deq(tail)])
             self.body_bits, self.body_n = b.bits, b.tokens
             parts.append(self.body)
         if occ.window:
-            parts.append(dequantize(blocks[i]))
+            parts.append(self._deq(blocks[i]))
         return np.concatenate(parts)
 
 
 class ProgressiveLayer(_KVLayer):
-    """The PM-KVQ progressive cache of one layer: keys and values each a ProgressiveStore with its budget."""
+    """The PM-KVQ progressive cache of one layer: keys and values each a ProgressiveStore with its budget.
+    With a rotation the stores hold rotated K/V (what the device holds); attention gets them rotated back."""
+
+    rotates_itself = True
 
     def __init__(self, key_cfg: CacheConfig, key_budget: float, value_cfg: CacheConfig, value_budget: float,
                  rotation: str = "none", **kwargs):
         super().__init__(rotation=rotation, **kwargs)
         self.kstore = ProgressiveStore(key_cfg, key_budget)
         self.vstore = ProgressiveStore(value_cfg, value_budget)
-        self._km = [_DequantMirror() for _ in range(key_cfg.n_kv_heads)]
-        self._vm = [_DequantMirror() for _ in range(value_cfg.n_kv_heads)]
+        self._km = [_DequantMirror(self.rotation) for _ in range(key_cfg.n_kv_heads)]
+        self._vm = [_DequantMirror(self.rotation) for _ in range(value_cfg.n_kv_heads)]
         self.peak_bytes = {True: 0.0, False: 0.0}
 
     def _update(self, k, v):
         dev, dt = k.device, k.dtype
-        self.kstore.append(k.detach()[0].double().cpu().numpy())
-        self.vstore.append(v.detach()[0].double().cpu().numpy())
+        self.kstore.append(rotate(k.detach()[0].double().cpu().numpy(), self.rotation))
+        self.vstore.append(rotate(v.detach()[0].double().cpu().numpy(), self.rotation))
         for m in (True, False):
             self.peak_bytes[m] = max(self.peak_bytes[m], self.memory_bytes(m))
         kf = np.stack([mir.view(self.kstore, h) for h, mir in enumerate(self._km)])
         vf = np.stack([mir.view(self.vstore, h) for h, mir in enumerate(self._vm)])
-        return (torch.from_numpy(kf)[None].to(dtype=dt, device=dev),
-                torch.from_numpy(vf)[None].to(dtype=dt, device=dev))
+        npdt = torch.empty((), dtype=dt).numpy().dtype   # cast in NumPy (same rounding as torch's .to)
+        return (torch.from_numpy(kf.astype(npdt))[None].to(device=dev),
+                torch.from_numpy(vf.astype(npdt))[None].to(device=dev))
 
     def memory_bytes(self, metadata: bool = True) -> float:
         return self.kstore.memory_bytes(metadata) + self.vstore.memory_bytes(metadata)
