@@ -96,7 +96,7 @@ def apply(text: str, m: dict) -> str:
 def run_tests(dest: Path, tests, timeout: float):
     env = dict(os.environ, PYTHONPATH=str(dest / "pkg"), PYTHONDONTWRITEBYTECODE="1",
                PYTHONWARNINGS="ignore::DeprecationWarning")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rN",
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rfE",
            *[str(t) for t in tests]]
     t0 = time.perf_counter()
     try:

@@ -148,6 +148,10 @@ def test_query_quantization_format():
     assert np.abs(q.codes[0]).max() in range(2**14, 2**15)
     assert q.exp[1] == 0 and not q.codes[1].any()
     np.testing.assert_allclose(q.value()[0], np.array([0.5, -3.0, 1e-3]) * A.LOG2E, atol=2.0**q.exp[0])
+    # max|q| just below a power of two rounds up to 2^15: clamped to +-32767 on both signs
+    edge = (1 - 2.0**-17) * 8
+    q = A.quantize_query(np.array([[edge, 1.0], [-edge, 1.0]]), 1.0 / A.LOG2E)
+    assert q.codes[:, 0].tolist() == [32767, -32767] and q.exp.tolist() == [-12, -12]
 
 
 @pytest.mark.parametrize("make,msg", [
@@ -240,3 +244,18 @@ def test_formats_are_the_documented_numbers():
     assert all(F.code_bits(F.width_code(b)) == b for b in F.SUPPORTED_BITS)
     with pytest.raises(ValueError):
         F.width_code(3)
+
+
+def test_value_sums_stay_exact_where_a_chunk_nears_2_53():
+    """4100 16-bit value tokens at the largest W (~2^26, p ~ 2^32, ms = 255) and codes near 2^16: the exact
+    sum of W * c over 4096 tokens is ~2^54, so a float64 chunk longer than 2^(26 - bits) tokens would round."""
+    rng = np.random.default_rng(53)
+    T, hd = 4100, 4
+    keys = [quantize(rng.normal(size=(T, hd)) * 0.01, 16)]             # scores within ~1 log2 unit: p > 2^31
+    codes = rng.integers(60000, 1 << 16, size=(T, hd)).astype(np.uint16)
+    values = [QuantizedKV(codes, np.full(T, 0x3FFF, np.uint16), np.zeros(T, np.uint16), 16)]  # s = 255 * 2^-7
+    q = A.quantize_query(rng.normal(size=(1, hd)), 1.0)
+    part = A.attention_partial(q, keys, values)
+    M, L, acc, E = spec_partial(q, keys, values)[0]
+    assert part.acc[0].tolist() == acc and (part.m[0], part.L[0], part.E) == (M, L, E)
+    assert max(acc) > 2**53 and L > T * 2**31

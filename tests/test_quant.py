@@ -20,6 +20,60 @@ def test_bf16_round_matches_float32_bit_rounding():
     np.testing.assert_array_equal(fp.bf16_round(x32.astype(np.float64)), rounded.view(np.float32).astype(np.float64))
 
 
+def _float32_rne_to_bf16(x32):
+    bits = x32.view(np.uint32)
+    return (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def test_bf16_round_ties_and_subnormals():
+    """Exact ties (low 16 bits 0x8000) round to even, and the subnormal range (below 2^-126, quantum 2^-133)
+    and its boundary round like float32 bit rounding."""
+    rng = np.random.default_rng(2)
+    hi = rng.integers(0, 1 << 16, size=20_000).astype(np.uint32)
+    hi = hi[(hi & 0x7F80) != 0x7F80]                    # no Inf/NaN
+    ties = ((hi << 16) | 0x8000).view(np.float32)          # exactly half way, both parities of the upper part
+    assert np.any(hi & 1) and np.any(~hi & 1)
+    np.testing.assert_array_equal(fp.bf16_round(ties.astype(np.float64)), _float32_rne_to_bf16(ties))
+    tiny = (rng.normal(size=50_000) * np.exp2(rng.integers(-140, -118, size=50_000))).astype(np.float32)
+    assert np.sum(np.abs(tiny) < 2.0**-126) > 1000 and np.sum(np.abs(tiny) >= 2.0**-126) > 1000
+    np.testing.assert_array_equal(fp.bf16_round(tiny.astype(np.float64)), _float32_rne_to_bf16(tiny))
+
+
+def _sat_rshr(x: int, k: int, n: int) -> int:
+    """numerics.md: sat_n(rshr(x, k)) with Python ints (left shifts exact, then clipped)."""
+    y = (x + (1 << (k - 1))) >> k if k > 0 else x << -k
+    lim = (1 << n) - 1
+    return max(-lim, min(lim, y))
+
+
+@pytest.mark.parametrize("limit_bits", [20, 31, 47, 62])
+def test_shift_round_saturate_matches_definition(limit_bits):
+    """The saturating shift against its definition, at the overflow boundary |x| = lim >> ls (+-1) of left
+    shifts and at right shifts whose result is beyond the limit (both signs)."""
+    rng = np.random.default_rng(limit_bits)
+    lim = (1 << limit_bits) - 1
+    xs, ks = [], []
+    for _ in range(3000):
+        k = int(rng.integers(-64, 64))
+        if k < 0 and rng.random() < 0.6:          # around the left-shift overflow boundary
+            edge = lim >> min(-k, 62)
+            x = edge + int(rng.integers(-1, 2))
+        else:
+            x = int(rng.integers(-(1 << 60), 1 << 60)) >> int(rng.integers(0, 60))
+        xs.append(int(np.sign(rng.normal())) * abs(x))
+        ks.append(k)
+    xs, ks = np.array(xs, np.int64), np.array(ks, np.int64)
+    want = [_sat_rshr(int(x), int(k), limit_bits) for x, k in zip(xs, ks)]
+    assert fp.shift_round_saturate(xs, ks, limit_bits).tolist() == want
+    right = ks > 0                                # the right-shift-only fast path on its own
+    assert fp.shift_round_saturate(xs[right], ks[right], limit_bits).tolist() == [w for w, r in zip(want, right) if r]
+    # both signs reach the limit in each path
+    got = np.array(want)
+    assert np.sum(got == lim) > 10 and np.sum(got == -lim) > 10
+    if limit_bits < 60:   # right shifts of |x| < 2^60 stay below 2^62 - 1: that clamp binds only for narrower limits
+        assert np.sum(got[right] == lim) > 0 and np.sum(got[right] == -lim) > 0
+
+
 def test_bf16_bits_roundtrip_and_fields():
     pats = np.arange(0, 1 << 16, dtype=np.uint32).astype(np.uint16)
     pats = pats[((pats >> 7) & 0xFF) != 0xFF]  # no Inf/NaN
@@ -55,6 +109,17 @@ def test_quantize_matches_definition(bits):
     err = np.abs(dequantize(kv) - x)
     bound = s[:, None] / 2 + np.abs(lo)[:, None] * 2.0**-8 + (hi - lo)[:, None] * 2.0**-8
     assert np.all(err <= bound + 1e-12)
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_quantize_ties_round_to_even(bits):
+    """(x + z) / s exactly half way between two codes rounds to the even code (scale 1, zero 0 here)."""
+    top = 2**bits - 1
+    halves = sorted({h for h in (0.5, 1.5, 2.5, 3.5, top - 1.5, top - 0.5) if 0 < h < top})
+    kv = quantize(np.array([[0.0, float(top), *halves]]), bits)
+    assert fp.bf16_value(kv.scale)[0] == 1.0 and fp.bf16_value(kv.zero)[0] == 0.0
+    even = [int(h - 0.5) if int(h - 0.5) % 2 == 0 else int(h + 0.5) for h in halves]
+    assert kv.codes[0, 2:].tolist() == even
 
 
 def test_quantize_scale_clamp():
