@@ -41,7 +41,7 @@ from pmkvq_accel.model.cache import CacheConfig
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_STEPS = ("rtn4", "kivi2", "best", "pm", "pm+", "rtn8", "rtn2", "kivi4", "uniform", "noprog", "no-PI", "no-reparam",
-             "rtn4-rot", "best-norot", "best-w128", "best-noreparam")
+             "rtn4-rot", "best-norot", "best-w128", "best-noreparam", "best-w42", "best-w842")
 BUDGET_NAMES = ("RTN-4", "KIVI-2", "3.3b")   # matched memories every PM-KVQ/best step runs at
 
 
@@ -126,6 +126,8 @@ def build_parser():
     p.add_argument("--skip-ablations", action="store_true")
     p.add_argument("--only", default=None, help=f"comma-separated subset of the steps {ALL_STEPS} (default all)")
     p.add_argument("--ablation-budgets", default="RTN-4", help="budgets the ablations run at: RTN-4 and/or KIVI-2")
+    p.add_argument("--budgets", default=",".join(BUDGET_NAMES),
+                   help=f"matched memories the PM-KVQ and best steps run at (default all: {','.join(BUDGET_NAMES)})")
     p.add_argument("--out", default=str(REPO / "out" / "eval"))
     p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                    help="only combine finished results.json files into --out (no model runs)")
@@ -215,6 +217,10 @@ def main(argv=None):
     budgets = {"RTN-4": rtn_equivalent_bytes(cfg, n_layers, 4, L, metadata=True),
                "KIVI-2": n_layers * kivi_bytes(L, n_kv, hd, 2, args.kivi_group, args.window),
                "3.3b": bits_budget(3.3, n_layers, n_kv, hd, L)}
+    want = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if set(want) - set(budgets):
+        raise SystemExit(f"error: unknown --budgets {sorted(set(want) - set(budgets))}; choose from {BUDGET_NAMES}")
+    budgets = {b: budgets[b] for b in BUDGET_NAMES if b in want}
     meta = {"command": cmd.strip(), "model": model_id, "eval_text": desc, "length": L, "kivi_group": args.kivi_group,
             "window": args.window, "n_sink": args.n_sink, "calibration_samples": args.samples,
             "seq_len": args.seq_len, "effective_len": args.effective_len, "budgets_bytes": budgets,
@@ -291,7 +297,8 @@ def main(argv=None):
         for bname in budgets:
             short = f"{step}@{bname}"
             t = table_or_none(f"{label} @ {bname} budget", short, "best" if step == "best" else "ablation", art_b,
-                              widths=BEST["widths"], separate_kv=BEST["separate_kv"], windows=windows, **kw(bname))
+                              widths=over.get("widths", BEST["widths"]), separate_kv=BEST["separate_kv"],
+                              windows=windows, **kw(bname))
             if t is not None:
                 w = t["cache"]["window"]
                 run_pm(f"{label} @ {bname} budget", short, "best" if step == "best" else "ablation", t,
@@ -318,10 +325,15 @@ def main(argv=None):
         best_step("best-w128", "  ablation: best with the fixed 128-token window", windows=None)
     if "best-noreparam" in only:
         best_step("best-noreparam", "  ablation: best without key reparameterisation", reparam=False)
+    if "best-w42" in only:
+        best_step("best-w42", "  ablation: best with widths {4,2}", widths=(4, 2))
+    if "best-w842" in only:
+        best_step("best-w842", "  ablation: best with widths {8,4,2}", widths=(8, 4, 2))
     restore()
-    art = run_calibration(model, tok, CalibSettings(**base), Path(args.cache_dir))
+    art = (run_calibration(model, tok, CalibSettings(**base), Path(args.cache_dir))
+           if only & {"pm", "pm+", "uniform", "noprog"} else None)
     tables = {}
-    for bname in budgets:
+    for bname in (budgets if art is not None else ()):
         try:
             tables[bname] = make_table(model, art, widths=(4, 2), separate_kv=False, **kw(bname))
         except AllocationError:
@@ -349,7 +361,7 @@ def main(argv=None):
         if "uniform" in only:
             tu = make_table(model, art, widths=(4, 2), separate_kv=False, method="uniform-budget", **kw(bname))
             run_pm(f"  ablation: uniform budgets @ {bname}", f"uni@{bname}", "ablation", tu)
-        if "noprog" in only and tables[bname] is not None:
+        if "noprog" in only and tables.get(bname) is not None:
             run_pm(f"  ablation: no progressive @ {bname}", f"noprog@{bname}", "ablation", tables[bname],
                    progressive=False, notes="body at the final width from the start")
     for vname, extra in (("no-PI", {"pos_interp": False}), ("no-reparam", {"reparam": False})):

@@ -110,7 +110,7 @@ def test_host_hook_rotates_query_key_value_and_output(rotation):
     assert kv.rotation == rotation
     prompt = list(range(3, 60))
     res = greedy_decode(model, kv, prompt, 8, progress=False)
-    agree = float_agreement(model, res)
+    agree = float_agreement(model, res.prompt_ids, res.new_ids, res.logprobs)
     assert agree["mean_kl"] < 1e-4 and agree["top1_match"] == 1.0, agree
     if rotation == "hadamard":   # what the device holds is rotated: the first key's codes are not the plain key's
         kv_plain = kv_cache_for(model, _table(model, "none")[1], GoldenDevice())
