@@ -304,7 +304,7 @@ def budget_from_args(args, cfg: CacheConfig, n_layers: int) -> tuple[float, str]
         return args.budget_bytes_per_token * args.max_len, f"{args.budget_bytes_per_token} bytes/token x {args.max_len}"
     if args.budget_mb is not None:
         return args.budget_mb * 2 ** 20, f"{args.budget_mb} MiB at max_len {args.max_len}"
-    bits = 3.0 if args.budget_bits is None else args.budget_bits
+    bits = DEFAULT_BUDGET_BITS if args.budget_bits is None else args.budget_bits
     return (rtn_equivalent_bytes(cfg, n_layers, bits, args.max_len),
             f"memory of a plain per-token {bits:g}-bit cache (codes{' + scales/zeros' if cfg.count_metadata else ''})"
             f" at max_len {args.max_len}")
@@ -345,8 +345,11 @@ def choose_window(art: Artifacts, widths, cfg: CacheConfig, max_len: int, budget
 
 # The default method ("best" in calib/evaluate.py; what `make calib` writes): PM-KVQ's progressive cache,
 # reparameterisation and positional interpolation, plus a Hadamard rotation of keys (after RoPE) and values,
-# separate key/value widths from {8, 4, 2}, and the 16-bit window sized under the budget (choose_window).
-BEST = {"rotation": "hadamard", "reparam": True, "widths": (8, 4, 2), "separate_kv": True, "windows": WINDOW_CHOICES}
+# separate key/value widths from {4, 2} (with 8 allowed the MILP buys 8-bit keys with 2-bit tensors elsewhere and
+# loses: KL 0.034 vs 0.012 at the RTN-4 memory, docs/calibration.md), and the 16-bit window sized under the budget (choose_window).
+DEFAULT_MAX_LEN = 2048      # the committed table's context (host/run.py's default run reaches its compressed regime)
+DEFAULT_BUDGET_BITS = 4.0   # the committed table's budget: the memory of per-token RTN-4 (4.5 bits/elt with metadata)
+BEST = {"rotation": "hadamard", "reparam": True, "widths": (4, 2), "separate_kv": True, "windows": WINDOW_CHOICES}
 
 
 def best_settings(base: dict | None = None, **over) -> CalibSettings:
@@ -430,12 +433,14 @@ def build_parser():
     p.add_argument("--separate-kv", action="store_true", default=BEST["separate_kv"],
                    help="separate key and value widths per layer (default)")
     p.add_argument("--tied-kv", dest="separate_kv", action="store_false", help="one width per layer for K and V")
-    p.add_argument("--max-len", type=int, default=8192, help="context length the budget is for")
+    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
+                   help=f"context length the budget is for (default {DEFAULT_MAX_LEN})")
     p.add_argument("--budget-bytes-per-token", type=float, default=None,
                    help="total KV bytes per token of context (all layers, K+V) at max_len")
     p.add_argument("--budget-mb", type=float, default=None, help="total KV MiB at max_len")
     p.add_argument("--budget-bits", type=float, default=None,
-                   help="budget = memory of a plain per-token cache of this many bits (default 3)")
+                   help="budget = memory of a plain per-token cache of this many bits, scales/zeros included "
+                        f"(default {DEFAULT_BUDGET_BITS:g}: the RTN-4 memory, 4.5 bits per element)")
     p.add_argument("--codes-only", action="store_true",
                    help="charge only codes against the budget (the paper's accounting); default counts scales/zeros")
     p.add_argument("--n-sink", type=int, default=1)

@@ -316,7 +316,7 @@ def main(argv=None):
     if "kivi2" in only:
         kivi(2)
     if "best" in only:
-        best_step("best", "best: PM-KVQ + Hadamard K/V rotation, {8,4,2} separate K/V, window by budget")
+        best_step("best", "best: PM-KVQ + Hadamard K/V rotation, {4,2} separate K/V, window by budget")
     if "rtn4-rot" in only:
         rtn(4, "hadamard")
     if "best-norot" in only:
