@@ -121,7 +121,7 @@ def iter_chunks(segments, head_dim: int, msb: bool = False, chunk: int | None = 
     """Decode code segments [(data, bits, tokens)] in token order, a chunk at a time: yields
     (first token, float64 codes (H, m, head_dim)), MSB-aligned to 16 bits if msb; the array is reused
     between chunks. data: packed rows (H, >= bytes) uint8, or codes (H, tokens, head_dim)."""
-    chunk = chunk or CHUNK_TOKENS
+    chunk = min(chunk or CHUNK_TOKENS, max((n for _, _, n in segments), default=1))
     lo, scratch = 0, None
     for data, bits, n in segments:
         if scratch is None:
@@ -163,10 +163,8 @@ def _weighted_code_sum(w: np.ndarray, vsegs, head_dim: int, chunk: int | None) -
     lo = 0
     for data, bits, n in vsegs:
         step = max(1, min(cap, 1 << (W_BITS - bits)))
-        part = np.zeros_like(acc)
         for t0, c in _segment_chunks(data, bits, n, head_dim, step, scratch, msb=False):
-            part += np.matmul(wf[:, :, lo + t0:lo + t0 + c.shape[1]], c).astype(np.int64)
-        acc += part << (16 - bits)
+            acc += np.matmul(wf[:, :, lo + t0:lo + t0 + c.shape[1]], c).astype(np.int64) << (16 - bits)
         lo += n
     return acc
 
