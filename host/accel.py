@@ -78,7 +78,8 @@ def launch_counts(device) -> dict | None:
     elif isinstance(getattr(getattr(device, "kernel", None), "launches", None), dict):
         out = dict(device.kernel.launches)          # golden: GoldenKernel counts every executed launch by op
     elif callable(getattr(getattr(device, "sim", None), "counters", None)):
-        return {"total": int(device.sim.counters()["launches"])}  # sim: the harness counts ap_starts
+        n = device.sim.counters().get("launches")    # sim: the harness counts ap_starts
+        return None if n is None else {"total": int(n)}
     else:
         return None
     out.setdefault("total", sum(v for k, v in out.items() if k != "total"))
@@ -304,10 +305,14 @@ def run_generate(model, kv: DeviceKVCache, generate, args=(), kwargs=None, keep_
     from .hf import DeviceCache, accelerated
     kwargs = dict(kwargs or {})
     prompt, new = _check_request(model, kv, args, kwargs)
+    if kwargs.get("attention_mask") is None:
+        # no padding (checked): never let generate infer a padding mask from a pad token inside the prompt
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        kwargs["attention_mask"] = torch.ones_like(torch.as_tensor(ids))
     device = kv.device
     before = launch_counts(device)
     rec = StepRecorder(device, keep_logprobs=keep_logprobs, progress_total=new if progress else None)
-    with torch.inference_mode(), accelerated(model, kv), rec.attached(model):
+    with accelerated(model, kv), rec.attached(model):   # generate itself runs under torch.no_grad
         out = generate(*args, cache=DeviceCache(kv), **kwargs)
     after = launch_counts(device)
     launches = None if after is None else {k: v - (before or {}).get(k, 0) for k, v in after.items()}

@@ -94,3 +94,22 @@ def test_bench_rejects_nonsense():
     r = subprocess.run([sys.executable, str(ROOT / "host" / "bench.py"), "--threads", "0"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--threads: must be at least 1, got 0" in r.stderr
+
+
+def test_bench_runs_small(tmp_path, capsys):
+    """`python host/bench.py` on a tiny workload: both decodes through transformers' generate, the
+    accelerated one through pmkvq_accel.accelerate."""
+    import torch
+
+    from pmkvq_accel.host.bench import cli
+    out = tmp_path / "b.json"
+    n = torch.get_num_threads()
+    try:
+        assert cli(["--prompt-tokens", "16", "--new-tokens", "3", "--float-steps", "2", "--threads", "1",
+                    "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert "float model alone" in capsys.readouterr().out
+    b = json.loads(out.read_text())
+    assert b["prompt_tokens"] == 16 and b["new_tokens"] == 3 and b["launches"]["ATTENTION"] == 30 * 2
+    assert b["tokens_per_s"] > 0 and b["float_tokens_per_s"] > 0
