@@ -1,6 +1,6 @@
 """Decode a real LLM with every decode-step attention on the accelerator.
 
-    python host/run.py                         # default model, its bit-width table, golden backend, a 1536-token
+    python host/run.py                         # default model, its bit-width table, golden backend, a 1280-token
                                                # document prompt: the cache reaches the compressed regime
     python host/run.py --board u280 --xclbin build/pmkvq_attn.xclbin
     python host/run.py --prompt-tokens 1024 --max-new-tokens 256 --ignore-eos     # the benchmark
@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-DEFAULT_PROMPT_TOKENS = 1536  # default prompt (no --prompt): long enough that the layers shrink under the table
+DEFAULT_PROMPT_TOKENS = 1280  # default prompt (no --prompt): long enough that the layers shrink under the table
 DEFAULT_PROMPT = ("Explain in a few sentences how a key-value cache speeds up text generation in a transformer "
                   "language model, and why quantizing it saves memory.")
 
