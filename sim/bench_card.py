@@ -37,7 +37,9 @@ from pmkvq_accel.hw.kernel import KernelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "calib" / "tables" / "SmolLM2-135M-Instruct.json"
-N_SINK, WINDOW = 1, 128
+# the sink and the 16-bit window of the committed table's cache (calib/tables/...: "cache")
+_CACHE = json.loads(TABLE.read_text()).get("cache", {}) if TABLE.is_file() else {}
+N_SINK, WINDOW = int(_CACHE.get("n_sink", 1)), int(_CACHE.get("window", 128))
 # XRT's xrt::run start + wait on an Alveo card, steady state: ~16-17 us (Xilinx/XRT issue #6601, U25);
 # 20 us per launch is the default assumption.
 LAUNCH_OVERHEAD_US = 20.0
@@ -69,7 +71,7 @@ def kv_bytes(shape: Shape, n_sink: int, n_body: int, n_window: int, k_bits: int,
 
 def engine_slices(context: int, engines: int) -> list[tuple[int, int, int]]:
     """(n_sink, n_body, n_window) of every engine for a layer of `context` tokens: the contract's striping
-    (hw/regmap.slices: whole windows dealt round-robin, the sink in engine 0, the filling window (1..128
+    (hw/regmap.slices: whole windows dealt round-robin, the sink in engine 0, the filling window (1..WINDOW
     tokens) in the engine it will join)."""
     from pmkvq_accel.hw import regmap as R
     from pmkvq_accel.model.cache import CacheConfig, Occupancy

@@ -17,7 +17,8 @@
 // region lies in one pseudo-channel (PC). Each PC is a token bucket shared by all ports: it earns
 // pc_bytes_per_cycle bytes a cycle (capped at one cycle's worth plus one cross beat), a read or write beat
 // takes WORD_BYTES from the bucket of the PC its burst starts in, or WORD_BYTES * cross_factor when that PC
-// is not one of the port's own (H). A read burst's first beat comes `latency` cycles after its address (+ cross_latency
+// is not one of the port's own (H). A read beat is offered only when its PC has the bytes; a write beat is
+// accepted whenever its address has been, and pays on transfer (the bucket may go into debt). A read burst's first beat comes `latency` cycles after its address (+ cross_latency
 // for another engine's PC), then at most one beat per cycle, in order, up to 64 bursts queued per port; a
 // write is acknowledged `latency` cycles after its last beat. An access outside every region is answered
 // with SLVERR, counted as a fault and takes no bandwidth. Without the bandwidth arguments the memory has a
@@ -85,7 +86,7 @@ struct Harness {
     double pc_rate, cross_cost, credit[PCS], cap;
     uint32_t home[ENGINES];             // bit p: PC p is one of engine e's own
     Stats stats[ENGINES];
-    bool r_offer[ENGINES] = {}, w_offer[ENGINES] = {};
+    bool r_offer[ENGINES] = {};
     unsigned rr = 0;                    // port served first this cycle (round robin)
     bool running = false;
     bool lite_aw = false, lite_w = false, lite_b = false, lite_ar = false, lite_r = false;
@@ -107,9 +108,10 @@ struct Harness {
     }
 
     // Drive the memory side from its state, settle, sample every handshake, clock edge.
-    bool is_home(int e, int pc) const { return pc < 0 || (home[e] >> pc & 1); }
+    // every PC is alike without a bandwidth limit (no cross penalty, no cross beats counted)
+    bool is_home(int e, int pc) const { return !limited || pc < 0 || (home[e] >> pc & 1); }
     double beat_cost(int e, int pc) const { return is_home(e, pc) ? (double)WORD_BYTES : cross_cost; }
-    // take a beat's cost from its PC's bucket (refunded if the beat is not transferred this cycle)
+    // take a read beat's cost from its PC's bucket (refunded if the beat is not transferred this cycle)
     bool reserve(int pc, double cost) {
         if (!limited || pc < 0) return true;
         if (credit[pc] + 1e-9 < cost) return false;
@@ -126,8 +128,7 @@ struct Harness {
             Port& p = ports[e];
             *p.arready = rq[e].size() < 64;
             *p.awready = wq[e].size() < 64;
-            w_offer[e] = !wq[e].empty() && reserve(wq[e].front().pc, wq[e].front().cost);
-            *p.wready = w_offer[e];
+            *p.wready = !wq[e].empty();     // a write beat pays its PC on transfer (may leave a debt)
             bool rv = !rq[e].empty() && rq[e].front().ready_at <= cycle
                       && reserve(rq[e].front().pc, rq[e].front().cost);
             r_offer[e] = rv;
@@ -156,7 +157,6 @@ struct Harness {
         for (int e = 0; e < ENGINES; ++e) {
             Port& p = ports[e];
             if (r_offer[e] && !*p.rready) refund(rq[e].front().pc, rq[e].front().cost);
-            if (w_offer[e] && !*p.wvalid) refund(wq[e].front().pc, wq[e].front().cost);
             if (*p.arvalid && *p.arready) {
                 if (*p.arburst != 1 || (1u << *p.arsize) != WORD_BYTES) mem.fault(*p.araddr);
                 int pc = mem.pc_of(*p.araddr);
@@ -178,6 +178,7 @@ struct Harness {
             }
             if (*p.wvalid && *p.wready) {
                 ++stats[e].wbeats;
+                if (limited && wq[e].front().pc >= 0) credit[wq[e].front().pc] -= wq[e].front().cost;
                 Burst& b = wq[e].front();
                 uint64_t a = b.addr + (uint64_t)b.done * WORD_BYTES;
                 uint8_t* dst = mem.find(a, WORD_BYTES);

@@ -12,20 +12,22 @@ from pathlib import Path
 import pytest
 
 from pmkvq_accel.hw import bitstream as B
+from pmkvq_accel.hw import card as C
 from pmkvq_accel.hw import regmap as R
 from pmkvq_accel.hw import vitis as V
 from pmkvq_accel.hw.kernel import KernelConfig
 
 SMALL = dict(engines=1, head_dim=64, groups=1, max_tokens=256)
-SMALL_ARGS = ["--engines", "1", "--head-dim", "64", "--groups", "1", "--max-tokens", "256"]
+SMALL_ARGS = ["--engines", "1", "--pcs-per-engine", "1", "--head-dim", "64", "--groups", "1", "--max-tokens", "256"]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One small kernel's Verilog and generated files (the Verilog export takes ~30-60 s)."""
     out = tmp_path_factory.mktemp("bitstream")
-    vfile, _ = B.generate_verilog(KernelConfig(**SMALL), out)
-    B.write_files(out, 1, V.PLATFORM, V.KERNEL_CLOCK_HZ, "gmem0")
+    cfg = KernelConfig(**SMALL)
+    vfile, _ = B.generate_verilog(cfg, out)
+    B.write_files(out, cfg, C.plan(engines=1, pcs_per_engine=cfg.pcs_per_engine), V.PLATFORM, V.KERNEL_CLOCK_HZ)
     return out, vfile.read_text()
 
 
@@ -47,13 +49,14 @@ def test_kernel_xml_matches_regmap(built):
     k, ports, args = _xml((out / "kernel.xml").read_text())
     assert k.get("name") == R.KERNEL_NAME
     assert k.get("hwControlProtocol") == "ap_ctrl_hs" and k.get("interrupt") == "true"
-    assert [a["name"] for a in args] == list(R.ARGS)
-    assert [_int(a["id"]) for a in args] == list(range(len(R.ARGS)))
+    want = R.all_args(1)
+    assert [a["name"] for a in args] == list(want)
+    assert [_int(a["id"]) for a in args] == list(range(len(want)))
     spans = []
     for a in args:
-        off, bits = R.ARGS[a["name"]]
+        off, bits = want[a["name"]]
         assert _int(a["offset"]) == off and _int(a["size"]) == bits // 8 == _int(a["hostSize"])
-        if bits == 64:   # buffer address: global pointer on a master
+        if a["name"] == "e0_base":   # the engine's buffer: global pointer on its master
             assert a["addressQualifier"] == "1" and a["type"].endswith("*") and a["port"] == "m_axi_gmem0"
         else:
             assert a["addressQualifier"] == "0" and a["port"] == "s_axi_control"
@@ -79,6 +82,7 @@ def test_kernel_xml_ports_exist_in_verilog(built):
             # every argument register is reachable with the slave's address bits
             top = max(_int(a["offset"]) + _int(a["size"]) for a in args)
             assert top <= 1 << vp[f"{name}_araddr"][1] and R.STATUS < 1 << vp[f"{name}_araddr"][1]
+            assert _int(p["range"]) == 1 << vp[f"{name}_araddr"][1] == 1 << R.CONTROL_ADDR_BITS
         else:
             assert vp[f"{name}_wdata"] == ("output", width) and vp[f"{name}_rdata"] == ("input", width)
             assert vp[f"{name}_araddr"] == ("output", 64) and vp[f"{name}_awaddr"] == ("output", 64)
@@ -103,34 +107,68 @@ def test_link_cfg_names_existing_ports(built):
     masters = [n for n, p in ports.items() if p["mode"] == "master"]
     assert cfg["nk"] == [f"{R.KERNEL_NAME}:1:{V.INSTANCE}"]
     assert sorted(p for _, p, _ in cfg["sp"]) == sorted(masters)
+    kcfg = KernelConfig(**SMALL)
     for inst, port, mem in cfg["sp"]:
         assert inst == V.INSTANCE and f"{port}_araddr" in vp
-        m = re.fullmatch(r"HBM\[(\d+):(\d+)\](?:\.(\d+))?", mem)
-        assert m and (int(m[1]), int(m[2])) == (0, 31)   # the host puts buffers in any of the 32 PCs
+        e = int(port.removeprefix("m_axi_gmem"))
+        assert _pcs(mem) == kcfg.engine_pcs(e)        # exactly the engine's own pseudo-channels
     assert cfg["freqHz"] == [f"{V.KERNEL_CLOCK_HZ}:{V.INSTANCE}.ap_clk"] and "ap_clk" in vp
+    (prop,) = cfg["prop"]
+    hook = Path(prop.split("=", 1)[1])
+    assert prop.startswith("run.impl_1.STEPS.OPT_DESIGN.TCL.PRE=") and hook == (out / "floorplan.tcl").resolve()
+    assert hook.is_file()
+
+
+def _pcs(mem):
+    m = re.fullmatch(r"HBM\[(\d+)(?::(\d+))?\]", mem)
+    assert m, mem
+    lo, hi = int(m[1]), int(m[2] or m[1])
+    return tuple(range(lo, hi + 1))
 
 
 @pytest.mark.parametrize("engines", [1, 2, 3, 4, 16])
-@pytest.mark.parametrize("policy", ["gmem0", "spread"])
-def test_generated_files_for_n_engines(engines, policy):
-    """kernel.xml / link.cfg / package_xo.tcl agree with the port list hw/kernel.py builds for N engines."""
+def test_generated_files_for_n_engines(engines):
+    """kernel.xml / link.cfg / floorplan / package_xo.tcl agree with the port list hw/kernel.py builds for N
+    engines: one pointer per master, each master on its own pseudo-channels, no two masters sharing one."""
     want = V.expected_ports(engines)
-    _, ports, args = _xml(V.kernel_xml(engines, policy))
+    _, ports, args = _xml(V.kernel_xml(engines))
     masters = [n for n, p in ports.items() if p["mode"] == "master"]
     assert masters == [f"m_axi_gmem{e}" for e in range(engines)]
     for m in masters:
         assert want[f"{m}_rdata"] == ("input", _int(ports[m]["dataWidth"]))
-    pointer_ports = {a["port"] for a in args if a["addressQualifier"] == "1"}
-    assert pointer_ports <= set(masters)
-    if policy == "spread":
-        assert pointer_ports == set(masters[:len(R.ADDRESS_ARGS)])
-    cfg = V.parse_link_cfg(V.link_cfg(engines))
-    assert [p for _, p, _ in cfg["sp"]] == masters
-    entries = [int(mem.rsplit(".", 1)[1]) for _, _, mem in cfg["sp"]]
-    assert len(set(entries)) == engines and all(0 <= e < 32 for e in entries)
+    pointers = {a["name"]: a["port"] for a in args if a["addressQualifier"] == "1"}
+    assert pointers == {f"e{e}_base": f"m_axi_gmem{e}" for e in range(engines)}
+    assert [a["name"] for a in args] == list(R.all_args(engines))
+    k = C.HBM_PCS // engines
+    cfg = V.parse_link_cfg(V.link_cfg(engines, k))
+    assert [p for _, p, _ in cfg["sp"]] == masters and cfg["prop"] == []
+    seen = set()
+    for e, (_, _, mem) in enumerate(cfg["sp"]):
+        pcs = _pcs(mem)
+        assert pcs == KernelConfig(engines=engines, pcs_per_engine=k).engine_pcs(e) and not seen & set(pcs)
+        seen |= set(pcs)
     tcl = V.package_xo_tcl(engines)
     assert re.search(r"foreach busif \{s_axi_control " + " ".join(masters) + r"\}", tcl)
     assert "-kernel_xml" in tcl and f"-kernel_name $kernel" in tcl and "-clock ap_clk -reset ap_rst_n" in tcl
+    plan = C.plan(engines=engines)
+    fp = V.floorplan_tcl([plan.engine_slr(e) for e in range(engines)])
+    calls = re.findall(r"^pmkvq_engine_pblock (\d+) (SLR\d)$", fp, re.M)
+    assert calls == [(str(e), plan.engine_slr(e)) for e in range(engines)]
+
+
+def test_floorplan_names_the_engine_instances(built):
+    """The pblock patterns match the engine instances of the exported Verilog (engine<e> inside the kernel)."""
+    _, verilog = built
+    assert re.search(r"^\s*\\?\S+\s+\\?engine0\s*\(", verilog, re.M), "no instance named engine0 in the Verilog"
+    fp = V.floorplan_tcl(["SLR0"])
+    assert f"*{V.INSTANCE}/*engine$engine" in fp and "pblock_dynamic_$slr" in fp
+
+
+def test_hbm_range_rejects_non_contiguous():
+    assert V.hbm_range((4,)) == "HBM[4]" and V.hbm_range((2, 3)) == "HBM[2:3]"
+    for bad in ((), (1, 3), (31, 32)):
+        with pytest.raises(ValueError):
+            V.hbm_range(bad)
 
 
 def test_package_xo_tcl_refers_to_generated_files(built):
@@ -212,8 +250,10 @@ def test_cli_without_vitis(built, tmp_path, capsys):
     assert "reused" in text                      # the module fixture's Verilog was reused
     assert "xclbin NOT built: AMD Vitis (v++) is not installed" in text
     assert not list(out.glob("*.xclbin"))
-    for f in ("pmkvq_attn.v", "kernel.xml", "package_xo.tcl", "link.cfg", "summary.txt"):
+    for f in ("pmkvq_attn.v", "kernel.xml", "package_xo.tcl", "link.cfg", "floorplan.tcl", "card.json",
+              "summary.txt"):
         assert (out / f).is_file()
+    assert "Composed resource estimate per SLR" in text
 
 
 @pytest.mark.parametrize("vivado_makes_xo", [False, True])
