@@ -7,22 +7,24 @@ from __future__ import annotations
 
 from amaranth.hdl import Array, Cat, Const, Mux, Signal, signed, unsigned
 
-_count = [0]
+from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP
 
-
-def _name(prefix):
-    _count[0] += 1
-    return f"{prefix}_{_count[0]}"
+def _name(m, prefix):
+    """A fresh signal name, numbered per module `m` (so the Verilog of a block does not depend on what was
+    elaborated before it in the same process)."""
+    n = getattr(m, "_arith_names", 0) + 1
+    m._arith_names = n
+    return f"{prefix}_{n}"
 
 
 def comb(m, value, shape=None, name="t"):
-    s = Signal(shape if shape is not None else value.shape(), name=_name(name))
+    s = Signal(shape if shape is not None else value.shape(), name=_name(m, name))
     m.d.comb += s.eq(value)
     return s
 
 
 def reg(m, adv, value, shape=None, name="r", domain="sync", init=0):
-    s = Signal(shape if shape is not None else value.shape(), name=_name(name), init=init)
+    s = Signal(shape if shape is not None else value.shape(), name=_name(m, name), init=init)
     with m.If(adv):
         m.d[domain] += s.eq(value)
     return s
@@ -35,7 +37,7 @@ def bf16_fields(m, bits16):
     normal = e != 0
     mag = comb(m, Mux(normal, Cat(frac, Const(1, 1)), frac), unsigned(8), "mag")
     mant = comb(m, Mux(bits16[15], -mag, mag), signed(9), "mant")
-    exp = comb(m, Mux(normal, e - 134, -133), signed(10), "exp")
+    exp = comb(m, Mux(normal, e - BF16_EXP_BIAS, BF16_SUBNORMAL_EXP), signed(10), "exp")
     return mant, exp
 
 
@@ -43,7 +45,7 @@ def kept(m, value, shape=None, name="k"):
     """A combinational signal with the `keep` attribute: the LUT mapper (yosys abc9 here, Vivado likewise)
     keeps it as a LUT output. Used at the levels of shifters and reductions so that their depth stays
     log-structured; otherwise area recovery re-maps off-critical cones into deep chains of small LUTs."""
-    s = Signal(shape if shape is not None else value.shape(), name=_name(name), attrs={"keep": 1})
+    s = Signal(shape if shape is not None else value.shape(), name=_name(m, name), attrs={"keep": 1})
     m.d.comb += s.eq(value)
     return s
 
@@ -170,7 +172,7 @@ def sat_flags(m, x, limit_bits, name="sf"):
 
 def _clip(m, x, pos, neg, limit_bits, name):
     lim = (1 << limit_bits) - 1
-    out = Signal(signed(limit_bits + 1), name=_name(name))
+    out = Signal(signed(limit_bits + 1), name=_name(m, name))
     m.d.comb += out.eq(Mux(pos, lim, Mux(neg, -lim, x[0:limit_bits + 1].as_signed())))
     return out
 
@@ -227,7 +229,7 @@ def shift_round_sat_by(m, adv, x, ctl, limit_bits, name="srs"):
     kf, lf = reg(m, adv, krm1[0:2], name=name + "_kf"), reg(m, adv, ls[0:2], name=name + "_lf")
     r = comb(m, (barrel(m, r1, kf, right=True, name=name + "_rs") + 1) >> 1, signed(n + 1), name + "_r")
     left = barrel(m, l1, lf, right=False, name=name + "_l")
-    out = Signal(signed(limit_bits + 1), name=_name(name))
+    out = Signal(signed(limit_bits + 1), name=_name(m, name))
     m.d.comb += out.eq(Mux(right2, r, Mux(ovf, Mux(sign2, -lim, lim), left)))
     return out
 
@@ -269,7 +271,7 @@ def delay(m, adv, value, n, name="dl"):
     """`value` delayed by n register stages (reset-less, so synthesis maps long delays to shift-register
     LUTs (SRL16/SRL32) and DSP input registers)."""
     for _ in range(n):
-        s = Signal(value.shape(), name=_name(name), reset_less=True)
+        s = Signal(value.shape(), name=_name(m, name), reset_less=True)
         with m.If(adv):
             m.d.sync += s.eq(value)
         value = s

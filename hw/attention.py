@@ -22,7 +22,7 @@ from amaranth.lib.wiring import In, Out
 from .arith import any_tree, bf16_fields, comb, kept, max_tree, reg, select_update
 from .config import DatapathConfig
 from .score import ScoreUnit
-from .softmax import LATENCY as W_LATENCY, P_BITS, W_OUT, Z_OUT, WeightUnit
+from .softmax import E_STAGE as W_E_STAGE, LATENCY as W_LATENCY, P_BITS, W_OUT, Z_OUT, WeightUnit
 from .unpack import Unpack
 from .values import ACC_BITS, ValueMac
 
@@ -187,7 +187,6 @@ class DecodeAttention(wiring.Component):
         # words' delay line is one stage shorter for it
         direct_valid = Signal()
         direct_tag = Signal(utag_layout)
-        vdelay = []   # (valid, word, lb, wi, ntok, tag)
         vd_valid = Signal()
         vd_word = Signal(W)
         vd_tag = Signal(utag_layout)
@@ -225,7 +224,6 @@ class DecodeAttention(wiring.Component):
         m.d.comb += so_tag.eq(score.o.payload.tag)
         so_ntok = score.o.payload.ntok
         sc = score.o.payload.score
-        so_tpw = comb(m, Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[so_tag.lb], unsigned(gl_bits), "so_tpw")
         # lane `lane` takes token j of the word iff gl + j == lane and j < ntok: a decode of gl (kept) and
         # the token flags, so that the 16 enables do not come out of ABC as compares chained through each other
         gl_hot = [kept(m, so_tag.gl == i, unsigned(1), "sw_gl") for i in range(MPW)]
@@ -331,21 +329,27 @@ class DecodeAttention(wiring.Component):
         vmeta_accept = Signal(attrs={"keep": 1})
         for t in range(MPW):
             word = self.data.payload
-            ms, xs = bf16_fields(m, word[t * 32:t * 32 + 16])
-            mz, xz = bf16_fields(m, word[t * 32 + 16:t * 32 + 32])
+            _, xs = bf16_fields(m, word[t * 32:t * 32 + 16])
+            _, xz = bf16_fields(m, word[t * 32 + 16:t * 32 + 32])
             xsb = comb(m, xs + e_bits, signed(12), "xsb")
             et = comb(m, Mux(xsb > xz, xsb, xz), signed(12), "et")
             gt = comb(m, rem_lo + (MPW - 1 - t), unsigned(len(rem_lo) + 1), "el_gt")
             lane_ok = kept(m, vmeta_accept & (rem_hi | gt[-1]), unsigned(1), "el_ok")
             e_lanes.append(reg(m, 1, Mux(lane_ok, et, -2048), signed(12), name="el",
                                init=-2048))
-        # E = max(E, the word's lanes): a tree of pairwise maxima, two levels per register stage, so E is
-        # final at most three cycles after the last metadata word (the weight unit reads it from its stage
-        # softmax.E_STAGE = 4 on, at least five cycles after). The tree's registers start empty (-2048).
+        # E = max(E, the word's lanes): a tree of pairwise maxima, two levels per register stage (timing below).
+        # The tree's registers start empty (-2048).
         em = e_lanes
+        e_regs = 1                                   # the lane registers
         while len(em) > 1:
             em = [reg(m, 1, max_tree(m, em[i:i + 4]), signed(12), name="em", init=-2048)   # -2048: empty
                   for i in range(0, len(em), 4)]
+            e_regs += 1
+        e_regs += 1                                  # E itself
+        # the last metadata word is accepted in cycle t, so E is final in cycle t + e_regs; the first value word
+        # is accepted in t + 1 at the earliest, enters the weight unit in t + 2 (buffer read register) and
+        # reaches its stage E_STAGE's logic in t + 1 + E_STAGE
+        assert e_regs <= 1 + W_E_STAGE, "E would not be final when the weight unit reads it"
         e_clear = Signal()
         with m.If(e_clear):
             m.d.sync += E.eq(-2048)

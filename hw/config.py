@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS, SUPPORTED_BITS
+from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS, SUPPORTED_BITS, code_bits, width_code
 
 WORD_BITS = (64, 128, 256, 512)
 HEAD_DIMS = (64, 128)
@@ -16,14 +16,14 @@ MAX_GROUPS = 8
 
 
 def lb_of(bits: int) -> int:
-    """Width encoding used on every port: 2 -> 0, 4 -> 1, 8 -> 2, 16 -> 3."""
+    """Width encoding used on every port (model.formats.width_code: 2 -> 0, 4 -> 1, 8 -> 2, 16 -> 3)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported code width {bits!r}: supported widths are {SUPPORTED_BITS}")
-    return {2: 0, 4: 1, 8: 2, 16: 3}[bits]
+    return width_code(bits)
 
 
 def bits_of(lb: int) -> int:
-    return 2 << lb
+    return code_bits(lb)
 
 
 @dataclass(frozen=True)

@@ -7,24 +7,30 @@ tokens per word, then the per-token (scale, zero) correction (docs/numerics.md s
     score = sat_31(T1 - T2)
 
 The dot products are systolic multiply-add chains of CHAIN products (the DSP48 cascade form: one DSP per
-product, the sum passed along the chain; lane d enters d % CHAIN cycles late) and a small adder tree over
-the head_dim/CHAIN chains. S_Q = sum_d Q_d is computed by the same chains: a beat with `sq` set (and all
+product, the sum passed along the chain; lane d enters d % CHAIN cycles late) and small adder trees over
+the head_dim/CHAIN chains. With nj >= 2 token slots, one DSP serves two slots: only 2-bit codes reach the
+slots j >= nj/2 and only codes of <= 4 bits the slots 1..nj/2-1, so slot j (low bits) and slot j + nj/2
+(bits LANE..) share the code operand of one 16 x 26 multiply and the 48-bit chain carries both sums
+(`_packed`; the lanes are separated after the chain, exactly). S_Q = sum_d Q_d is computed by the same chains: a beat with `sq` set (and all
 lanes zero) feeds ones into slot 0 and latches the result; send it once after loading a new query.
 Tokens that span several words (`first`/`last`) accumulate their partial dot products.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from pmkvq_accel.model.formats import SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS
+from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP, SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS
 
 from .arith import (any_tree, bf16_fields, comb, delay, mac_chain, reg, saturate, shift_round_sat_by, shift_sat_ctl,
                     tree_sum)
 from .config import DatapathConfig
 
 CHAIN = 16   # products per multiply-add chain (DSP48 cascade length; the code skew costs one SRL16 per bit)
+LANE = 24    # bit offset of the upper lane of a packed DSP operand (the lower lane's chain sum is < 2^23)
+# D of the slots >= 1 (codes of <= 4 bits): |D| <= 128 * 32767 * 15 < 2^26, so ms * D is one 27 x 18 multiply
+NARROW_D_BITS = 27
 
 
 class ScoreUnit(wiring.Component):
@@ -54,6 +60,31 @@ class ScoreUnit(wiring.Component):
             "busy": Out(1),             # a beat is inside the pipeline
         })
 
+    def _packed(self, m, p, k, d, wide):
+        """The code operand of the DSP for (slot pair k, dimension d) as one unsigned 26-bit value.
+
+        nj == 1: the 16-bit lane. Otherwise the lower lane is slot k as c16 >> 12 (a 4-bit code, or 4 c for a
+        2-bit code; slot 0 carries the whole 16-bit lane for 8/16-bit codes and the S_Q beat, `wide`) and the
+        upper lane, at bit LANE, is slot k + nj/2 as c16 >> 14: only 2-bit codes reach slots >= nj/2
+        (cfg.tpw(4) = nj/2). With Q in [-32767, 32767] and CHAIN = 16 the lower lane's chain sum is below
+        16 * 32767 * 15 < 2^23 and the upper one below 2^21, so the 48-bit chain holds both lanes exactly:
+        lower = the low LANE bits (signed), upper = (P >> LANE) + bit LANE-1 of P."""
+        nj, hd = self.cfg.nj, self.cfg.head_dim
+        lane = lambda j: p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16]
+        if nj == 1:
+            return lane(0) | p.sq                   # the S_Q beat: ones in slot 0
+        assert LANE >= (CHAIN * 32767 * 15).bit_length() + 1     # the lower lane fits, signed
+        lo, hi = lane(k), lane(k + nj // 2)[14:16]
+        if k == 0:
+            lo = lo | p.sq                          # the S_Q beat: ones in slot 0
+            # wide: the lane as it is; narrow: its top nibble in bits 0..3 (bits 0..11 of a 2/4-bit c16 are zero)
+            low4 = Mux(wide, lo[0:4], lo[12:16])
+            lo = Cat(low4, lo[4:12], Mux(wide, lo[12:16], 0))
+            hi = Mux(wide, 0, hi)
+        else:
+            lo = lo[12:16]
+        return comb(m, Cat(lo, Const(0, LANE - len(lo)), hi), unsigned(LANE + 2), "ckp")
+
     def elaborate(self, platform):
         cfg = self.cfg
         nj, hd, G = cfg.nj, cfg.head_dim, cfg.groups
@@ -63,39 +94,52 @@ class ScoreUnit(wiring.Component):
         p = self.i.payload
         valids = []
 
-        # dot products: per head and token slot, head_dim/CHAIN systolic multiply-add chains (DSP48 cascades;
-        # lane d is skewed by d % CHAIN cycles, shared by the G heads), then a small adder tree over the chains
+        # dot products: per head, head_dim/CHAIN systolic multiply-add chains (DSP48 cascades; lane d is skewed
+        # by d % CHAIN cycles, shared by the G heads), then small adder trees over the chains. With nj >= 2
+        # token slots, two slots share one DSP per (head, dimension): the query code on one port, the codes of
+        # slot j (lower lane, bits 0..) and slot j + nj/2 (upper lane, bits LANE..) on the other (`_packed`).
         v1 = reg(m, adv, self.i.valid, name="v1")
         valids.append(v1)
         ctl_fields = Cat(p.kmeta, p.lb, p.ntok, p.first, p.last, p.sq, p.tag)
         ctl1 = reg(m, adv, ctl_fields, name="ctl1")
         chain = min(CHAIN, hd)
+        npair = max(1, nj // 2)
+        wide = p.lb[1] | p.sq                  # 8/16-bit codes (slot 0 only) or the S_Q beat
         codes = {}
-        for j in range(nj):
+        for k in range(npair):
             for d in range(hd):
-                c = p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16]
-                if j == 0:
-                    c = c | p.sq        # the S_Q beat: ones in lane 0
-                codes[j, d] = delay(m, adv, c, d % chain, name="ck")
+                codes[k, d] = delay(m, adv, self._packed(m, p, k, d, wide), d % chain, name="ck")
         sums = {}
         lat = 0
         for gi in range(G):
             qd = [self.q[(gi * hd + d) * 16:(gi * hd + d + 1) * 16].as_signed() for d in range(hd)]
-            for j in range(nj):
-                parts = []
+            for k in range(npair):
+                full, lo, hi = [], [], []
                 for c0 in range(0, hd, chain):
-                    part, clat = mac_chain(m, adv, [(qd[d], codes[j, d]) for d in range(c0, c0 + chain)], name="dc")
-                    parts.append(part)
-                sums[gi, j], tlat = tree_sum(m, adv, parts, 2, "dt")
+                    part, clat = mac_chain(m, adv, [(qd[d], codes[k, d]) for d in range(c0, c0 + chain)],
+                                           name="dc", width=48 if nj > 1 else None)
+                    if nj == 1:
+                        full.append(part)
+                        continue
+                    if k == 0:
+                        full.append(part)
+                    # lower lane: the low LANE bits, signed; upper lane: the rest, plus the lower lane's borrow
+                    lo.append(comb(m, part[0:LANE].as_signed(), signed(LANE), "dlo"))
+                    hi.append(comb(m, (part >> LANE) + part[LANE - 1], signed(48 - LANE + 1), "dhi"))
+                if full:
+                    sums[gi, 0, "full"], tlat = tree_sum(m, adv, full, 2, "dt")
+                if lo:
+                    sums[gi, k, "lo"], tlat = tree_sum(m, adv, lo, 2, "dl")
+                    sums[gi, k + npair, "hi"], tlat = tree_sum(m, adv, hi, 2, "dh")
                 lat = clat - 1 + tlat      # registers after ctl1
-        # the scale/zero exponents as -(x + 16) and -(x + 16) - 1 (numerics.md section 1: x = e - 134, or
-        # -133 for e = 0), decoded at the tree input and carried along with it
+        # the scale/zero exponents as -(x + 16) and -(x + 16) - 1 (numerics.md section 1: x = e - BF16_EXP_BIAS,
+        # or BF16_SUBNORMAL_EXP for e = 0), decoded at the tree input and carried along with it
         nxs = []
         for j in range(nj):
             for h in (0, 16):
                 e = ctl1[j * 32 + h + 7:j * 32 + h + 15]
                 for off in (0, 1):
-                    nxs.append(Mux(e != 0, 134 - SCORE_FRAC - off - e, 133 - SCORE_FRAC - off).as_signed())
+                    nxs.append(Mux(e != 0, BF16_EXP_BIAS - SCORE_FRAC - off - e, -BF16_SUBNORMAL_EXP - SCORE_FRAC - off).as_signed())
         nx = comb(m, Cat(*[comb(m, v, signed(10), "nx") for v in nxs]), unsigned(10 * len(nxs)), "nxs")
         # shift controls: nx registered (+ padding), k - 1 and -k registered, then shift_sat_ctl's two
         # stages: ready with the products of stage B, i.e. lat + 2 registers after ctl1
@@ -130,16 +174,27 @@ class ScoreUnit(wiring.Component):
         valids.append(va)
         ctla = reg(m, adv, Cat(kmeta, ntok, tag), name="ctla")
         dvals = {}
+        wide_a = lb[1] | sq
         for gi in range(G):
             for j in range(nj):
-                s = sums[gi, j]
+                if nj == 1:
+                    s = sums[gi, 0, "full"]
+                elif j == 0:       # 8/16-bit codes: the whole chain; 2/4-bit: the lower lane (codes c16 >> 12)
+                    s = comb(m, Mux(wide_a, sums[gi, 0, "full"], sums[gi, 0, "lo"] << 12), signed(41), "dsel")
+                elif j < npair:    # 4-bit (lb 1) or 2-bit codes as c16 >> 12 (lb 0: 4 c)
+                    dvals[gi, j] = reg(m, adv, Mux(lb[0], sums[gi, j, "lo"], sums[gi, j, "lo"] >> 2),
+                                       signed(NARROW_D_BITS), name="D")
+                    continue
+                else:              # upper lanes: 2-bit codes only, c16 >> 14
+                    dvals[gi, j] = reg(m, adv, sums[gi, j, "hi"], signed(NARROW_D_BITS), name="D")
+                    continue
                 if j == 0 and cfg.max_wpt > 1:
                     s = comb(m, Mux(first, 0, dacc[gi]) + s, signed(41), "dsum")
                     with m.If(adv & vv & ~sq):
                         m.d.sync += dacc[gi].eq(s)
                 if j == 0:
                     with m.If(adv & vv & sq):
-                        m.d.sync += sq_reg[gi].eq(sums[gi, 0])
+                        m.d.sync += sq_reg[gi].eq(sums[gi, 0, "full"])
                 sh = comb(m, Mux(lb == 3, s, Mux(lb == 2, s >> 8, Mux(lb == 1, s >> 12, s >> 14))), signed(40), "dsh")
                 dvals[gi, j] = reg(m, adv, sh, signed(40), name="D")
         kmeta_a = ctla[0:nj * 32]

@@ -15,6 +15,8 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP
+
 from .arith import comb
 from .config import WORD_BITS
 
@@ -31,14 +33,14 @@ def shrink_scale_bits(m, s16, n):
     e = s16[7:15]
     frac = s16[0:7]
     mant = comb(m, Mux(e == 0, frac, Cat(frac, Const(1, 1))), unsigned(8), "sm")
-    x = comb(m, Mux(e == 0, -133, e - 134), signed(10), "sx")
+    x = comb(m, Mux(e == 0, BF16_SUBNORMAL_EXP, e - BF16_EXP_BIAS), signed(10), "sx")
     P = comb(m, mant * ((1 << n) + 1), unsigned(16), "sp")
     h = Signal(range(16), name="sh_h")
     for i in range(16):
         with m.If(P[i]):
             m.d.comb += h.eq(i)
     sh_a = comb(m, h - 7, signed(6), "sha")
-    sh_b = comb(m, -133 - x, signed(10), "shb")
+    sh_b = comb(m, BF16_SUBNORMAL_EXP - x, signed(10), "shb")
     sh = comb(m, Mux(sh_a > sh_b, sh_a, sh_b), signed(10), "shs")
     shu = comb(m, Mux(sh < 0, 0, sh), unsigned(4), "shu")
     r = comb(m, P >> shu, unsigned(16), "sr")
@@ -55,7 +57,7 @@ def shrink_scale_bits(m, s16, n):
     with m.Elif(R >= 256):
         m.d.comb += out.eq(Cat(Const(0, 7), (xp + 135)[0:8], sign))
     with m.Elif(R >= 128):
-        m.d.comb += out.eq(Cat(R[0:7], (xp + 134)[0:8], sign))
+        m.d.comb += out.eq(Cat(R[0:7], (xp + BF16_EXP_BIAS)[0:8], sign))
     with m.Else():
         m.d.comb += out.eq(Cat(R[0:7], Const(0, 8), sign))
     return out

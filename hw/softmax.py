@@ -3,19 +3,20 @@
 
     x = M - score;  n = x >> 16;  i = (x >> 8) & 0xFF;  r = x & 0xFF
     v = T[i] - (((T[i] - T[i+1]) * r + 128) >> 8);   p = rshr(v, min(n, 62))
-    W = rshr(p * ms, E + 14 - xs - b);   Z = rshr(p * mz, E - 2 - xz)
+    W = rshr(p * ms, E + W_SHIFT_BIAS - xs - b);   Z = rshr(p * mz, E + Z_SHIFT_BIAS - xz)   (model/formats.py)
 
 The table ROM is generated from `pmkvq_accel.model.attention.EXP2_TABLE`: one ROM per lane with a
 synchronous read port and `rom_style = "block"`, so each maps to a block RAM instead of LUTs. `p`, `W` and `Z` come out per token lane and query head.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from pmkvq_accel.model.attention import EXP2_TABLE
+from pmkvq_accel.model.formats import W_SHIFT_BIAS, Z_SHIFT_BIAS, code_bits
 
 from .arith import bf16_fields, comb, reg, shift_amount, shift_round_by
 from .config import DatapathConfig
@@ -23,8 +24,9 @@ from .config import DatapathConfig
 P_BITS = 33     # p in [0, 2^32]
 W_OUT = 27      # W < 2^26, carried signed
 Z_OUT = 44      # |Z| < 2^42
-LATENCY = 6
-E_STAGE = 4     # the first stage whose logic reads the input `e` (attention.py folds E in before it)
+LATENCY = 6     # register stages from `i` to `o` (checked against the stages built, in elaborate)
+E_STAGE = 4     # the stage whose logic reads the input `e` (attention.py asserts E is final by then)
+Z_LMAX = -Z_SHIFT_BIAS   # the largest left shift of Z's rshr (E >= xz), folded into its amount
 
 
 def exp2_rom_init():
@@ -115,13 +117,13 @@ class WeightUnit(wiring.Component):
         # the W/Z shift amounts from the metadata and E (E is read from this stage on: E_STAGE)
         vmeta3 = c3[0:nj * 32]
         lb3 = c3[nj * 32:nj * 32 + 2]
-        bits3 = comb(m, Mux(lb3 == 0, 2, Mux(lb3 == 1, 4, Mux(lb3 == 2, 8, 16))), unsigned(5), "bits")
+        bits3 = comb(m, Const(code_bits(0), 5) << lb3, unsigned(5), "bits")        # 2 << width code
         k4 = {}
         for j in range(nj):
             _, xs = bf16_fields(m, vmeta3[j * 32:j * 32 + 16])
             _, xz = bf16_fields(m, vmeta3[j * 32 + 16:j * 32 + 32])
-            k4[j] = (reg(m, adv, E + 14 - xs - bits3, signed(14), name="kw4"),
-                     reg(m, adv, E - xz, signed(14), name="kz4"))    # kz + 2 (lmax folded in)
+            k4[j] = (reg(m, adv, E + W_SHIFT_BIAS - xs - bits3, signed(14), name="kw4"),
+                     reg(m, adv, E + Z_SHIFT_BIAS + Z_LMAX - xz, signed(14), name="kz4"))   # lmax folded in
 
         # stage 5: p * ms, p * mz; the shift amounts clamped (arith.shift_amount)
         vmeta4 = c4[0:nj * 32]
@@ -129,7 +131,7 @@ class WeightUnit(wiring.Component):
         c5 = reg(m, adv, c4[nj * 32 + 2:], name="wc5")
         stage5 = {}
         p5 = {}
-        sa5 = {j: (shift_amount(m, adv, kw, 43, "saw"), shift_amount(m, adv, kz, 45 + 2, "saz"))
+        sa5 = {j: (shift_amount(m, adv, kw, 43, "saw"), shift_amount(m, adv, kz, 45 + Z_LMAX, "saz"))
                for j, (kw, kz) in k4.items()}
         for j in range(nj):
             ms, _ = bf16_fields(m, vmeta4[j * 32:j * 32 + 16])
@@ -141,13 +143,16 @@ class WeightUnit(wiring.Component):
                                  sa5[j][0], sa5[j][1])
                 p5[j, gi] = reg(m, adv, stage4[j, gi], name="p5")
 
+        # the stages as built: the valid chain v1..v5 and the output register; E is read after c1..c3
+        assert len((v1, v2, v3, v4, v5)) + 1 == LATENCY and len((c1, c2, c3)) + 1 == E_STAGE
+
         # stage 6: W and Z (shift and round only: the amounts were clamped one stage earlier)
         ws, zs, ps = [], [], []
         for j in range(nj):
             for gi in range(G):
                 pm, pz, kw, kz = stage5[j, gi]
                 ws.append(shift_round_by(m, pm, kw, 0, W_OUT, "w")[0:W_OUT])
-                zs.append(shift_round_by(m, pz, kz, 2, Z_OUT, "z")[0:Z_OUT])
+                zs.append(shift_round_by(m, pz, kz, Z_LMAX, Z_OUT, "z")[0:Z_OUT])
                 ps.append(p5[j, gi])
         ntok_w = nj.bit_length()
         with m.If(adv):

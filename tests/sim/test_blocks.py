@@ -44,7 +44,12 @@ JOBS = [dict(tokens=40, kbits=2, vbits=2), dict(tokens=37, kbits=4, vbits=8, kin
 WIDE = pytest.param(DP_WIDE, id="w512hd64", marks=[pytest.mark.slow, EXTENDED])
 
 
-@pytest.mark.parametrize("dp", [pytest.param(DP_SMALL, id="w128hd64"), WIDE])
+# 2 token slots sharing each DSP (slot 1: 2-bit codes in the upper lane of slot 0's operand)
+DP_PACKED = dict(word_bits=256, head_dim=64, groups=1)
+
+
+@pytest.mark.parametrize("dp", [pytest.param(DP_SMALL, id="w128hd64"), pytest.param(DP_PACKED, id="w256hd64g1"),
+                                WIDE])
 def test_score(dp, tmp_path):
     cfg = DatapathConfig(**dp)
     _run("score", lambda: ScoreUnit(cfg, tag_width=12), dp, tmp_path, tag_width=12, jobs=JOBS)
@@ -78,7 +83,7 @@ def test_constructors_reject_bad_parameters():
         DatapathConfig(word_bits=96)
     with pytest.raises(ValueError, match="head_dim"):
         DatapathConfig(head_dim=96)
-    with pytest.raises(ValueError, match="G"):
+    with pytest.raises(ValueError, match=r"G \(query heads per KV head\) 9"):
         DatapathConfig(groups=9)
     with pytest.raises(ValueError, match="max_tokens"):
         DatapathConfig(max_tokens=70000)
