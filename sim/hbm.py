@@ -146,7 +146,8 @@ class HbmRam:
     `read_latency` (+ `cross_latency` for a PC outside `home_pcs`) cycles after its address, each beat takes
     its cost from the PC's bucket (shared through `budget` by all RAMs of a bench), one burst after the other
     (one AXI ID: in order). Writes are accepted at once and acknowledged after `read_latency` (unlimited).
-    `pc_of(addr)` names an address's PC (-1: no bandwidth limit). Random stalls: `stall_r` (probability a beat
+    `pc_of(addr)` names an address's PC (-1: no bandwidth limit); the RAM holds bus addresses
+    `base` .. `base + size - 1` (one engine's buffer). Random stalls: `stall_r` (probability a beat
     is held back a cycle) and `stall_ar`; `faults` counts accesses outside `size`, answered with SLVERR.
 
         ram = HbmRam(dut, "m_axi_gmem0", dut.ap_clk, dut.ap_rst_n, 1 << 22, HbmModel(),
@@ -156,7 +157,7 @@ class HbmRam:
 
     def __init__(self, dut, prefix, clock, reset, size, model: HbmModel | None = None, pc_of=lambda addr: 0,
                  home_pcs=(0,), budget: PcBudget | None = None, stall_r: float = 0.0, stall_ar: float = 0.0,
-                 seed: int = 0, reset_active_level: bool = False):
+                 seed: int = 0, reset_active_level: bool = False, base: int = 0):
         import cocotb
         self.model = model or HbmModel()
         self.budget = budget or PcBudget(self.model)
@@ -164,6 +165,7 @@ class HbmRam:
             raise ValueError("the shared PcBudget was made for another HbmModel")
         self.clock, self.reset, self.reset_level = clock, reset, reset_active_level
         self.mem = bytearray(size)
+        self.base = base                   # the RAM holds bus addresses base .. base + size - 1
         self.pc_of, self.home = pc_of, frozenset(home_pcs)
         self.rng = random.Random(seed)
         self.stall_r, self.stall_ar = stall_r, stall_ar
@@ -182,10 +184,16 @@ class HbmRam:
 
     # memory access for the bench
     def write(self, addr, data):
-        self.mem[addr:addr + len(data)] = data
+        a = addr - self.base
+        if a < 0 or a + len(data) > len(self.mem):
+            raise ValueError(f"{len(data)} bytes at {addr:#x} are outside the RAM ({self.base:#x} + {len(self.mem):#x})")
+        self.mem[a:a + len(data)] = data
 
     def read(self, addr, n):
-        return bytes(self.mem[addr:addr + n])
+        a = addr - self.base
+        if a < 0 or a + n > len(self.mem):
+            raise ValueError(f"{n} bytes at {addr:#x} are outside the RAM ({self.base:#x} + {len(self.mem):#x})")
+        return bytes(self.mem[a:a + n])
 
     def _cost(self, addr):
         pc = self.pc_of(addr)
@@ -233,9 +241,10 @@ class HbmRam:
                     last = q[2] == 0
                     if last:
                         queue.pop(0)
-                    ok = beat + self.wbytes <= len(self.mem)
+                    a = beat - self.base
+                    ok = 0 <= a and a + self.wbytes <= len(self.mem)
                     self.faults += not ok
-                    s["rdata"].value = int.from_bytes(self.mem[beat:beat + self.wbytes], "little") if ok else 0
+                    s["rdata"].value = int.from_bytes(self.mem[a:a + self.wbytes], "little") if ok else 0
                     s["rresp"].value = 0 if ok else 2
                     s["rlast"].value = int(last)
             s["rvalid"].value = int(beat is not None)
@@ -266,10 +275,11 @@ class HbmRam:
                 b = bursts[0]
                 data = int(s["wdata"].value).to_bytes(self.wbytes, "little")
                 strb = int(s["wstrb"].value)
-                if b[0] + self.wbytes <= len(self.mem):
+                a = b[0] - self.base
+                if 0 <= a and a + self.wbytes <= len(self.mem):
                     for i in range(self.wbytes):
                         if strb >> i & 1:
-                            self.mem[b[0] + i] = data[i]
+                            self.mem[a + i] = data[i]
                 else:
                     b[2] = True
                     self.faults += 1
