@@ -98,7 +98,7 @@ class accelerated:
     """Context manager: within it, `model`'s attention runs through `kv` (decode steps on the device).
 
         with accelerated(model, kv):
-            model(ids, past_key_values=DeviceCache(kv))
+            model(ids, cache=DeviceCache(kv))      # or model.generate(ids, cache=...): see host/accel.py
     """
 
     def __init__(self, model, kv: DeviceKVCache):
