@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 from amaranth.hdl import Cat, ClockDomain, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
 from amaranth.back import verilog
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
 
 from . import regmap as R
-from .attention import COUNT_BITS, DecodeAttention
+from .attention import COUNT_BITS, DecodeAttention, result_layout
 from .axi import BurstWriter, ControlRegisters, ReadArbiter, ReadChannel, axi_full_bundle, axi_lite_bundle
 from .config import DatapathConfig
 from .shrink import ShrinkUnit
@@ -81,6 +83,158 @@ def _ceil_shift(m: Module, value, shift: int, name: str, width: int = 24):
     return out
 
 
+def _code_words(m: Module, n, lb, head_dim: int, word_bits: int, name: str):
+    """Words of `n` tokens of `head_dim` codes at width code `lb` (2 << lb bits), rounded up."""
+    bits = Signal(40, name=f"{name}_bits")
+    m.d.comb += bits.eq(n << ((head_dim.bit_length() - 1) + 1 + lb))
+    return _ceil_shift(m, bits, word_bits.bit_length() - 1, f"{name}_words")
+
+
+def _word_stream(word_bits: int):
+    return stream.Signature(unsigned(word_bits))
+
+
+class WordSequencer(wiring.Component):
+    """Hands the datapath one job's words in the order hw/attention.py consumes them (hw.jobs.job_words):
+    per segment (sink, body, window; empty ones skipped), per group of mpw tokens, one key-metadata word and
+    then the group's key code words; then every segment's value-metadata words; then every value code word.
+    `start` (a pulse) begins a job over `counts` (tokens per segment) with the key body width `k_lb` (a width
+    code; sink and window are 16-bit) and the job's value-metadata and value-code word totals, which all stay
+    put until `done`."""
+
+    def __init__(self, word_bits: int, head_dim: int):
+        self.word_bits, self.head_dim = word_bits, head_dim
+        w = _word_stream(word_bits)
+        super().__init__({
+            "start": In(1), "counts": In(COUNT_BITS).array(3), "k_lb": In(2),
+            "vmeta_words": In(24), "vcode_words": In(24),
+            "kmeta": In(w), "kcode": In(w), "vmeta": In(w), "vcode": In(w), "out": Out(w),
+            "done": Out(1), "phase": Out(2), "src": Out(3), "seg": Out(2),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        W, HD = self.word_bits, self.head_dim
+        MPW = W // 32
+        counts = list(self.counts)
+        seg = self.seg               # index into the three (possibly empty) segments
+        rem = Signal(COUNT_BITS)     # tokens of the segment not yet covered by a metadata group
+        in_group = Signal(24)        # code words left in the current key group
+        phase = Signal(2, init=3)    # 0 key pass, 1 value metadata, 2 value codes, 3 done
+        left = Signal(24)            # words left in phase 1 / 2
+        seg_klb = Signal(2)
+        m.d.comb += [seg_klb.eq(Mux(seg == 1, self.k_lb, 3)), self.phase.eq(phase), self.done.eq(phase == 3)]
+        ntok = Signal(range(MPW + 1))
+        m.d.comb += ntok.eq(Mux(rem > MPW, MPW, rem))
+        group_words = _code_words(m, ntok, seg_klb, HD, W, "grp")
+        src = self.src  # 0 none, 1 kmeta, 2 kcode, 3 vmeta, 4 vcode
+        with m.Switch(phase):
+            with m.Case(0):
+                m.d.comb += src.eq(Mux(in_group != 0, 2, Mux(rem != 0, 1, 0)))
+            with m.Case(1):
+                m.d.comb += src.eq(Mux(left != 0, 3, 0))
+            with m.Case(2):
+                m.d.comb += src.eq(Mux(left != 0, 4, 0))
+        for i, c in enumerate((self.kmeta, self.kcode, self.vmeta, self.vcode), start=1):
+            m.d.comb += c.ready.eq((src == i) & self.out.ready)
+            with m.If(src == i):
+                m.d.comb += [self.out.valid.eq(c.valid), self.out.payload.eq(c.payload)]
+        took = self.out.valid & self.out.ready
+        with m.Switch(phase):
+            with m.Case(0):
+                with m.If((src == 1) & took):
+                    m.d.sync += [in_group.eq(group_words), rem.eq(rem - ntok)]
+                with m.If((src == 2) & took):
+                    m.d.sync += in_group.eq(in_group - 1)
+                with m.If(src == 0):
+                    # segment finished: next segment, or the value metadata phase
+                    with m.If(seg == 2):
+                        m.d.sync += [phase.eq(1), left.eq(self.vmeta_words)]
+                    with m.Else():
+                        m.d.sync += [seg.eq(seg + 1), rem.eq(Mux(seg == 0, counts[1], counts[2]))]
+            with m.Case(1):
+                with m.If(took):
+                    m.d.sync += left.eq(left - 1)
+                with m.If(src == 0):
+                    m.d.sync += [phase.eq(2), left.eq(self.vcode_words)]
+            with m.Case(2):
+                with m.If(took):
+                    m.d.sync += left.eq(left - 1)
+                with m.If(src == 0):
+                    m.d.sync += phase.eq(3)
+        with m.If(self.start):
+            m.d.sync += [seg.eq(0), rem.eq(counts[0]), in_group.eq(0), phase.eq(0)]
+        return m
+
+
+class PartialRecords(wiring.Component):
+    """The datapath's result beats (one per query head) as partial records (regmap.partial_dtype: int32 M,
+    int32 E, int64 L, int64 acc[head_dim], word padded), one memory word per beat of `words`."""
+
+    def __init__(self, cfg: KernelConfig):
+        self.cfg = cfg
+        super().__init__({"result": In(stream.Signature(result_layout(cfg.datapath))),
+                          "words": Out(_word_stream(cfg.word_bits))})
+
+    def elaborate(self, platform):
+        m = Module()
+        pw, W = self.cfg.partial_words, self.cfg.word_bits
+        rec = Signal(pw * W)
+        rec_left = Signal(range(pw + 1))
+        rp = self.result.payload
+        m.d.comb += [self.result.ready.eq(rec_left == 0), self.words.valid.eq(rec_left != 0),
+                     self.words.payload.eq(rec[:W])]
+        with m.If(self.result.valid & self.result.ready):
+            e32 = Signal(signed(32))
+            m.d.comb += e32.eq(rp.e.as_signed())
+            m.d.sync += [rec.eq(Cat(rp.m, e32, rp.l, rp.acc)), rec_left.eq(pw)]
+        with m.If(self.words.valid & self.words.ready):
+            m.d.sync += [rec.eq(rec >> W), rec_left.eq(rec_left - 1)]
+        return m
+
+
+class BlockMover(wiring.Component):
+    """SHRINK / COPY of one block: its `code_words` code words (`codes` stream), then its `meta_words`
+    metadata words (`meta` stream), through the shrink unit to width code `lb_out` (SHRINK) or unchanged
+    (COPY), to `out` (the writer). `start` (a pulse) clears the counts; `written` counts words handed out."""
+
+    def __init__(self, word_bits: int):
+        self.word_bits = word_bits
+        w = _word_stream(word_bits)
+        super().__init__({"start": In(1), "shrink": In(1), "code_words": In(24), "meta_words": In(24),
+                          "lb_out": In(2), "codes": In(w), "meta": In(w), "out": Out(w), "written": Out(24),
+                          "shrink_valid": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.shrink = su = ShrinkUnit(self.word_bits)
+        fed = Signal(24)       # words taken from the channels
+        from_codes = fed < self.code_words
+        more = fed < self.code_words + self.meta_words
+        src_valid = Mux(from_codes, self.codes.valid, self.meta.valid)
+        src_data = Mux(from_codes, self.codes.payload, self.meta.payload)
+        take = Signal()
+        m.d.comb += [self.codes.ready.eq(from_codes & take), self.meta.ready.eq(~from_codes & take),
+                     self.shrink_valid.eq(su.o.valid)]
+        with m.If(self.shrink):
+            m.d.comb += [su.i.valid.eq(src_valid & more), su.i.payload.data.eq(src_data),
+                         su.i.payload.kind.eq(~from_codes), su.i.payload.n_lb.eq(self.lb_out),
+                         su.i.payload.last.eq(fed + 1 == self.code_words),
+                         take.eq(su.i.valid & su.i.ready),
+                         self.out.valid.eq(su.o.valid), self.out.payload.eq(su.o.payload.data),
+                         su.o.ready.eq(self.out.ready)]
+        with m.Else():
+            m.d.comb += [take.eq(src_valid & more & self.out.ready),
+                         self.out.valid.eq(src_valid & more), self.out.payload.eq(src_data)]
+        with m.If(take):
+            m.d.sync += fed.eq(fed + 1)
+        with m.If(self.out.valid & self.out.ready):
+            m.d.sync += self.written.eq(self.written + 1)
+        with m.If(self.start):
+            m.d.sync += [fed.eq(0), self.written.eq(0)]
+        return m
+
+
 class Engine(Elaboratable):
     """One engine: sequencer + read channels + datapath + partial-record writer on one AXI4 master."""
 
@@ -114,7 +268,6 @@ class Engine(Elaboratable):
         queued = Signal(range(16))   # heads whose query was requested and whose job has not started
         take_job = Signal()
         seq_idle = Signal()
-        hd_log2 = HD.bit_length() - 1
         counts = [mine[n] for n in R.COUNT_FIELDS]
         nz = [c != 0 for c in counts]
         k_lb = Signal(2)
@@ -124,9 +277,7 @@ class Engine(Elaboratable):
         vlbs = [Const(3, 2), v_lb, Const(3, 2)]
 
         def code_words(n, lb, name):
-            bits = Signal(40, name=f"{name}_bits")
-            m.d.comb += bits.eq(n << (hd_log2 + 1 + lb))
-            return _ceil_shift(m, bits, WORD_BITS.bit_length() - 1, f"{name}_words")
+            return _code_words(m, n, lb, HD, WORD_BITS, name)
 
         meta_words = [_ceil_shift(m, n, MPW.bit_length() - 1, f"meta_words_{i}") for i, n in enumerate(counts)]
         kcode_words = [code_words(n, lb, f"kc{i}") for i, (n, lb) in enumerate(zip(counts, klbs))]
@@ -197,83 +348,25 @@ class Engine(Elaboratable):
         ]
 
         # ---- data sequencer: the order hw.attention consumes words ----
-        seg = Signal(2)              # index into the three (possibly empty) segments
-        rem = Signal(COUNT_BITS)     # tokens of the segment not yet covered by a metadata group
-        in_group = Signal(24)        # code words left in the current key group
-        phase = Signal(2)            # 0 key pass, 1 value metadata, 2 value codes, 3 done
-        left = Signal(24)            # words left in phase 1 / 2
-        seg_cnt = Signal(COUNT_BITS)
-        seg_klb = Signal(2)
-        m.d.comb += [seg_cnt.eq(Mux(seg == 0, counts[0], Mux(seg == 1, counts[1], counts[2]))),
-                     seg_klb.eq(Mux(seg == 1, k_lb, 3))]
-        ntok = Signal(range(MPW + 1))
-        m.d.comb += ntok.eq(Mux(rem > MPW, MPW, rem))
-        group_words = code_words(ntok, seg_klb, "grp")
-        src = Signal(3)  # 0 none, 1 kmeta, 2 kcode, 3 vmeta, 4 vcode
-        running = Signal()
-        with m.If(running):
-            with m.Switch(phase):
-                with m.Case(0):
-                    m.d.comb += src.eq(Mux(in_group != 0, 2, Mux(rem != 0, 1, 0)))
-                with m.Case(1):
-                    m.d.comb += src.eq(Mux(left != 0, 3, 0))
-                with m.Case(2):
-                    m.d.comb += src.eq(Mux(left != 0, 4, 0))
-        order = [None, "kmeta", "kcode", "vmeta", "vcode"]
-        for i in range(1, 5):
-            c = ch[order[i]]
-            m.d.comb += c.data.ready.eq((src == i) & dp.data.ready)
-            with m.If(src == i):
-                m.d.comb += [dp.data.valid.eq(c.data.valid), dp.data.payload.eq(c.data.payload)]
-        took = dp.data.valid & dp.data.ready
+        m.submodules.seq_words = sq = WordSequencer(WORD_BITS, HD)
         total_vmeta = Signal(24)
         total_vcode = Signal(24)
         m.d.comb += [total_vmeta.eq(meta_words[0] + meta_words[1] + meta_words[2]),
-                     total_vcode.eq(vcode_words[0] + vcode_words[1] + vcode_words[2])]
-        with m.If(running):
-            with m.Switch(phase):
-                with m.Case(0):
-                    with m.If((src == 1) & took):
-                        m.d.sync += [in_group.eq(group_words), rem.eq(rem - ntok)]
-                    with m.If((src == 2) & took):
-                        m.d.sync += in_group.eq(in_group - 1)
-                    with m.If((src == 0)):
-                        # segment finished: next segment, or the value metadata phase
-                        with m.If(seg == 2):
-                            m.d.sync += [phase.eq(1), left.eq(total_vmeta)]
-                        with m.Else():
-                            m.d.sync += [seg.eq(seg + 1), rem.eq(Mux(seg == 0, counts[1], counts[2]))]
-                with m.Case(1):
-                    with m.If(took):
-                        m.d.sync += left.eq(left - 1)
-                    with m.If(src == 0):
-                        m.d.sync += [phase.eq(2), left.eq(total_vcode)]
-                with m.Case(2):
-                    with m.If(took):
-                        m.d.sync += left.eq(left - 1)
-                    with m.If(src == 0):
-                        m.d.sync += phase.eq(3)
+                     total_vcode.eq(vcode_words[0] + vcode_words[1] + vcode_words[2]),
+                     sq.k_lb.eq(k_lb), sq.vmeta_words.eq(total_vmeta), sq.vcode_words.eq(total_vcode),
+                     dp.data.valid.eq(sq.out.valid), dp.data.payload.eq(sq.out.payload),
+                     sq.out.ready.eq(dp.data.ready)]
+        m.d.comb += [sq.counts[i].eq(c) for i, c in enumerate(counts)]
 
         # ---- results -> partial records -> writer ----
         pw = cfg.partial_words
-        rec = Signal(pw * WORD_BITS)
-        rec_left = Signal(range(pw + 1))
-        rp = dp.result.payload
-        m.d.comb += dp.result.ready.eq(rec_left == 0)
-        with m.If(dp.result.valid & dp.result.ready):
-            e32 = Signal(signed(32))
-            m.d.comb += e32.eq(rp.e.as_signed())
-            m.d.sync += [rec.eq(Cat(rp.m, e32, rp.l, rp.acc)), rec_left.eq(pw)]
-        with m.If(~x_mode):
-            m.d.comb += [wr.data.valid.eq(rec_left != 0), wr.data.payload.eq(rec[:WORD_BITS])]
-        with m.If(~x_mode & wr.data.valid & wr.data.ready):
-            m.d.sync += [rec.eq(rec >> WORD_BITS), rec_left.eq(rec_left - 1)]
+        m.submodules.records = recs = PartialRecords(cfg)
+        wiring.connect(m, dp.result, recs.result)
         results = Signal(range(G + 1))
         with m.If(dp.result.valid & dp.result.ready):
             m.d.sync += results.eq(results + 1)
 
         # ---- SHRINK / COPY: one block per head through the kcode (codes) and kmeta (metadata) channels ----
-        m.submodules.shrink = su = ShrinkUnit(WORD_BITS)
         values = a["kind"][0]
         x_lb = Signal(2)
         m.d.comb += x_lb.eq(Mux(values, v_lb, k_lb))
@@ -302,30 +395,25 @@ class Engine(Elaboratable):
             x_dst_codes.eq(base_codes + body_off),
             x_dst_meta.eq(base_meta + a["meta_body_off"]),
         ]
-        x_fed = Signal(24)       # words taken from the channels
-        x_done = Signal(24)      # words handed to the writer
         x_meta_cmd = Signal()    # the metadata write command has been issued
         kc, km = ch["kcode"], ch["kmeta"]
-        from_codes = x_fed < x_in
-        src_valid = Mux(from_codes, kc.data.valid, km.data.valid)
-        src_data = Mux(from_codes, kc.data.payload, km.data.payload)
-        x_take = Signal()
+        m.submodules.mover = mv = BlockMover(WORD_BITS)
+        m.d.comb += [mv.shrink.eq(is_shrink), mv.code_words.eq(x_in), mv.meta_words.eq(x_meta),
+                     mv.lb_out.eq(x_lb_out)]
+        # the kcode/kmeta channels feed the block mover in SHRINK/COPY, the sequencer in ATTENTION; the writer
+        # takes the mover's words or the partial records
+        for c, seq_in, mv_in in ((kc, sq.kcode, mv.codes), (km, sq.kmeta, mv.meta)):
+            m.d.comb += [seq_in.payload.eq(c.data.payload), mv_in.payload.eq(c.data.payload),
+                         seq_in.valid.eq(c.data.valid & ~x_mode), mv_in.valid.eq(c.data.valid & x_mode),
+                         c.data.ready.eq(Mux(x_mode, mv_in.ready, seq_in.ready))]
+        for c, seq_in in ((ch["vmeta"], sq.vmeta), (ch["vcode"], sq.vcode)):
+            wiring.connect(m, c.data, seq_in)
         with m.If(x_mode):
-            m.d.comb += [kc.data.ready.eq(from_codes & x_take), km.data.ready.eq(~from_codes & x_take)]
-            with m.If(is_shrink):
-                m.d.comb += [su.i.valid.eq(src_valid & (x_fed < x_in + x_meta)), su.i.payload.data.eq(src_data),
-                             su.i.payload.kind.eq(~from_codes), su.i.payload.n_lb.eq(x_lb_out),
-                             su.i.payload.last.eq(x_fed + 1 == x_in),
-                             x_take.eq(su.i.valid & su.i.ready),
-                             wr.data.valid.eq(su.o.valid), wr.data.payload.eq(su.o.payload.data),
-                             su.o.ready.eq(wr.data.ready)]
-            with m.Else():
-                m.d.comb += [x_take.eq(src_valid & (x_fed < x_in + x_meta) & wr.data.ready),
-                             wr.data.valid.eq(src_valid & (x_fed < x_in + x_meta)), wr.data.payload.eq(src_data)]
-        with m.If(x_take):
-            m.d.sync += x_fed.eq(x_fed + 1)
-        with m.If(x_mode & wr.data.valid & wr.data.ready):
-            m.d.sync += x_done.eq(x_done + 1)
+            m.d.comb += [wr.data.valid.eq(mv.out.valid), wr.data.payload.eq(mv.out.payload),
+                         mv.out.ready.eq(wr.data.ready)]
+        with m.Else():
+            m.d.comb += [wr.data.valid.eq(recs.words.valid), wr.data.payload.eq(recs.words.payload),
+                         recs.words.ready.eq(wr.data.ready)]
 
         # ---- head loop ----
         n_heads = a["n_heads"]
@@ -345,8 +433,8 @@ class Engine(Elaboratable):
                              km.cmd.valid.eq(1), km.cmd.payload.addr.eq(x_src_meta),
                              km.cmd.payload.words.eq(x_meta),
                              wr.cmd.valid.eq(1), wr.cmd.payload.addr.eq(x_dst_codes),
-                             wr.cmd.payload.words.eq(x_codes_out)]
-                m.d.sync += [x_fed.eq(0), x_done.eq(0), x_meta_cmd.eq(0)]
+                             wr.cmd.payload.words.eq(x_codes_out), mv.start.eq(1)]
+                m.d.sync += x_meta_cmd.eq(0)
                 m.next = "X_RUN"   # every channel and the writer are idle here: all three commands are taken
             with m.State("X_RUN"):
                 m.d.comb += x_mode.eq(1)
@@ -355,7 +443,7 @@ class Engine(Elaboratable):
                                  wr.cmd.payload.words.eq(x_meta)]
                     with m.If(wr.cmd.ready):
                         m.d.sync += x_meta_cmd.eq(1)
-                with m.If(x_meta_cmd & (x_done == x_codes_out + x_meta) & wr.idle):
+                with m.If(x_meta_cmd & (mv.written == x_codes_out + x_meta) & wr.idle):
                     with m.If(head + 1 < n_heads):
                         m.d.sync += head.eq(head + 1)
                         m.next = "X_ISSUE"
@@ -400,22 +488,20 @@ class Engine(Elaboratable):
                     m.next = "LOAD"
             with m.State("LOAD"):
                 with m.If(qcount == qwords):
-                    m.d.comb += [dp.job.valid.eq(1), take_job.eq(dp.job.ready)]
+                    m.d.comb += [dp.job.valid.eq(1), take_job.eq(dp.job.ready), sq.start.eq(dp.job.ready)]
                     with m.If(dp.job.ready):
-                        m.d.sync += [qcount.eq(0), seg.eq(0), rem.eq(counts[0]), in_group.eq(0), phase.eq(0),
-                                     results.eq(0)]
+                        m.d.sync += [qcount.eq(0), results.eq(0)]
                         m.next = "RUN"
             with m.State("RUN"):
-                m.d.comb += running.eq(1)
-                with m.If((phase == 3) & (results == G) & (rec_left == 0)):
+                with m.If(sq.done & (results == G) & ~recs.words.valid):
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         fields = debug_fields(
             state=Cat(*[fsm.ongoing(st) for st in ENGINE_STATES]), seq=Cat(seq.ongoing("LOAD"), seq.ongoing("RUN")),
-            phase=phase, src=src, seg=seg, data_valid=Cat(*[ch[n].data.valid for n in names]),
+            phase=sq.phase, src=sq.src, seg=sq.seg, data_valid=Cat(*[ch[n].data.valid for n in names]),
             cmd_ready=Cat(*[ch[n].cmd.ready for n in names]),
             dp=Cat(dp.job.ready, dp.data.ready, dp.result.valid), wr_idle=wr.idle,
-            x=Cat(su.o.valid, x_meta_cmd))
+            x=Cat(mv.shrink_valid, x_meta_cmd))
         m.d.comb += self.debug.eq(Cat(*fields))
         return m
 
