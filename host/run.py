@@ -51,7 +51,8 @@ def check_output_path(p: argparse.ArgumentParser, option: str, path) -> None:
 
 
 def parse_args(argv=None):
-    from pmkvq_accel.host.device import BOARDS
+    from pmkvq_accel.host.device import BOARDS, DEFAULT_ENGINES
+    from pmkvq_accel.hw.regmap import MAX_ENGINES
     from pmkvq_accel.model.llm import DEFAULT_MODEL
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -64,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=at_least(1), default=64)
     p.add_argument("--board", default="golden", choices=BOARDS, help="device backend (default: golden)")
     p.add_argument("--xclbin", default=None, help="kernel bitstream for --board u280")
+    p.add_argument("--engines", type=at_least(1), default=None, metavar="N",
+                   help=f"engines the KV cache is striped over, golden and sim (default {DEFAULT_ENGINES}; "
+                        "the u280 kernel reports its own)")
     p.add_argument("--seed", type=at_least(0), default=0,
                    help="seeds torch and NumPy (greedy decoding is deterministic)")
     p.add_argument("--threads", type=at_least(1), default=None,
@@ -79,6 +83,10 @@ def parse_args(argv=None):
         a.prompt_tokens = DEFAULT_PROMPT_TOKENS
     if a.xclbin is not None and a.board != "u280":
         p.error(f"--xclbin is for --board u280, not --board {a.board}")
+    if a.engines is not None and a.board == "u280":
+        p.error("--engines is for --board golden and sim: the u280 kernel has the engines it was built with")
+    if a.engines is not None and a.engines > MAX_ENGINES:
+        p.error(f"--engines {a.engines}: at most {MAX_ENGINES} (one per HBM pseudo-channel)")
     check_output_path(p, "--json", a.json)
     return a
 
@@ -104,7 +112,8 @@ def build_prompt(tok, args) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pmkvq_accel.host.device import open_device
-    device = open_device(args.board, xclbin=args.xclbin)  # fails fast, before torch and the model load
+    engines = {} if args.engines is None else {"engines": args.engines}
+    device = open_device(args.board, xclbin=args.xclbin, **engines)  # fails fast, before torch and the model load
     try:
         import numpy as np
         import torch

@@ -34,6 +34,9 @@ def test_no_board_is_a_clear_error():
     (["--prompt", "hi", "--prompt-tokens", "8"], "not both"),
     (["--xclbin", "k.xclbin"], "--xclbin is for --board u280"),
     (["--json", "no/such/folder/m.json"], "folder no/such/folder does not exist"),
+    (["--engines", "0"], "--engines: must be at least 1, got 0"),
+    (["--engines", "33"], "--engines 33: at most 32"),
+    (["--board", "u280", "--engines", "4"], "--engines is for --board golden and sim"),
 ])
 def test_nonsensical_options_are_usage_errors(args, msg, capsys):
     from pmkvq_accel.host.run import cli
