@@ -63,10 +63,7 @@ class Device:
 
     def engine_pcs(self, e: int) -> tuple[int, ...]:
         """The HBM pseudo-channels engine e reads (its buffer goes in the first)."""
-        if not 0 <= e < self.engines:
-            raise ValueError(f"engine {e} out of range: the kernel has {self.engines}")
-        k = self.pcs_per_engine
-        return tuple(range(e * k, e * k + k))
+        return L.engine_pcs(e, self.engines, self.pcs_per_engine)
 
     @property
     def regs(self) -> dict[str, int]:

@@ -62,10 +62,7 @@ class KernelConfig:
 
     def engine_pcs(self, e: int) -> tuple[int, ...]:
         """The HBM pseudo-channels engine e's master is bound to (its buffer lives in the first)."""
-        if not 0 <= e < self.engines:
-            raise ValueError(f"engine {e} out of range: the kernel has {self.engines}")
-        k = self.pcs_per_engine
-        return tuple(range(e * k, e * k + k))
+        return R.engine_pcs(e, self.engines, self.pcs_per_engine)
 
     @property
     def query_words(self) -> int:

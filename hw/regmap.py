@@ -75,6 +75,15 @@ OFFSET_ARGS = ("k_codes", "v_codes", "k_meta", "v_meta", "query", "partial", "k_
                "meta_window_off", "meta_body_off")
 
 
+def engine_pcs(e: int, engines: int, pcs_per_engine: int = 1) -> tuple[int, ...]:
+    """The HBM pseudo-channels engine e's master is bound to: a contiguous range of pcs_per_engine, from
+    e * pcs_per_engine (the engine's buffer lives in the first)."""
+    if not 0 <= e < engines:
+        raise ValueError(f"engine {e} out of range: the kernel has {engines}")
+    k = pcs_per_engine
+    return tuple(range(e * k, e * k + k))
+
+
 def engine_arg(e: int, name: str) -> str:
     """Register name of engine e's per-engine argument `name` (base, n_sink, n_body, n_window)."""
     return f"e{e}_{name}"
