@@ -15,9 +15,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import regmap as R
+
 # ---- HBM (public figures, /work/shared/docs/alveo.md) ------------------------------------------------------
-HBM_PCS = 32                      # 2 stacks x 16 pseudo-channels
-PC_BYTES = 256 << 20              # 256 MiB per PC (8 GiB in all)
+HBM_PCS = R.HBM_PCS               # 2 stacks x 16 pseudo-channels (the contract's constant)
+PC_BYTES = R.PC_BYTES             # 256 MiB per PC (8 GiB in all)
 PC_PEAK_GBPS = 14.375             # per PC: a 256-bit AXI3 port at 450 MHz (theoretical)
 CARD_GBPS = 425.0                 # measured whole-card bandwidth (Shuhai, FCCM 2020): the projection's floor
 MINI_SWITCH_PCS = 4               # the HBM switch is 8 local 4x4 crossbars; lateral hops between them cost
@@ -133,9 +135,8 @@ class CardPlan:
         raise ValueError("engine index out of range")
 
     def engine_pcs(self, e: int) -> tuple[int, ...]:
-        """Engine e's HBM pseudo-channels: the contiguous range e*k .. e*k+k-1 (KernelConfig.engine_pcs)."""
-        k = self.pcs_per_engine
-        return tuple(range(e * k, e * k + k))
+        """Engine e's HBM pseudo-channels (hw/regmap.engine_pcs: the contiguous range e*k .. e*k+k-1)."""
+        return R.engine_pcs(e, self.engines, self.pcs_per_engine)
 
     def crossings(self) -> dict:
         """Masters whose register slices sit in each SLR: an engine in SLR s crosses boundaries s..1; each

@@ -222,9 +222,8 @@ def hbm_range(pcs: tuple[int, ...]) -> str:
 
 
 def engine_pcs(engines: int, pcs_per_engine: int, e: int) -> tuple[int, ...]:
-    """Engine e's pseudo-channels: hw/kernel.py KernelConfig.engine_pcs (one definition of the rule)."""
-    from .kernel import KernelConfig
-    return KernelConfig(engines=engines, pcs_per_engine=pcs_per_engine).engine_pcs(e)
+    """Engine e's pseudo-channels: hw/regmap.engine_pcs (one definition of the rule)."""
+    return R.engine_pcs(e, engines, pcs_per_engine)
 
 
 def link_cfg(engines: int, pcs_per_engine: int = 1, platform: str = PLATFORM, clock_hz: int = KERNEL_CLOCK_HZ,
