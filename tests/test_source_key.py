@@ -52,3 +52,25 @@ def test_every_rtl_source_is_hashed():
     files = {p.relative_to(runner.ROOT).as_posix() for p in runner.rtl_source_files()}
     for must in ("model/formats.py", "model/attention.py", "hw/attention.py", "hw/config.py"):
         assert must in files
+
+
+def test_non_rtl_hw_modules_do_not_change_the_key(tree):
+    before = runner.rtl_source_key({})
+    (tree / "hw" / "vitis.py").write_text((tree / "hw" / "vitis.py").read_text() + "\n# a comment\n")
+    assert runner.rtl_source_key({}) == before
+    (tree / "hw" / "kernel.py").write_text((tree / "hw" / "kernel.py").read_text() + "\n# a comment\n")
+    assert runner.rtl_source_key({}) != before
+
+
+def test_elaborating_the_kernel_imports_no_excluded_module():
+    """What NOT_RTL leaves out of the key is really not read when the RTL is built."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "from amaranth.hdl import Fragment\n"
+            "from pmkvq_accel.hw.kernel import Kernel, KernelConfig\n"
+            "Fragment.get(Kernel(KernelConfig(engines=2, word_bits=128, max_tokens=256)), None)\n"
+            f"print(sorted(m for m in sys.modules if m.rsplit('.', 1)[-1] + '.py' in {runner.NOT_RTL!r} "
+            "and m.startswith('pmkvq_accel.hw.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
