@@ -96,7 +96,7 @@ def main(argv=None):
     ref = greedy(model, prompt, [FloatLayer() for _ in range(n_layers)], args.new_tokens, "float")
     res = {"command": "python calib/longgen.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "model": model_id, "text": desc, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-           "method": "best", "rows": []}
+           "method": "best", "float_tokens": ref, "rows": []}
     art = run_calibration(model, tok, best_settings({"n_samples": args.samples}), Path(args.cache_dir))
     for bname in names:
         t = make_table(model, art, model_id=model_id, cfg=cfg, max_len=L, budget=all_budgets[bname],
@@ -105,7 +105,8 @@ def main(argv=None):
         layers = progressive_layers(t, n_kv, hd)
         got = greedy(model, prompt, layers, args.new_tokens, f"best@{bname}")
         row = {"budget": bname, **compare(ref, got), "bits_per_elt": 8 * sum(x.memory_bytes(True) for x in layers)
-               / (L * 2 * n_layers * n_kv * hd), "window": t["cache"]["window"]}
+               / (L * 2 * n_layers * n_kv * hd), "window": t["cache"]["window"], "tokens": got,
+               "distinct_float_tokens": len(set(ref))}
         res["rows"].append(row)
         print(f"best@{bname}: first divergence at generated token {row['first_divergence']}, token match "
               f"{row['token_match_rate']:.3f}, {row['bits_per_elt']:.2f} bits/elt", flush=True)
