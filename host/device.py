@@ -291,6 +291,7 @@ class SimDevice(Device):
         self._faults = 0
 
     def prepare(self, head_dim: int, group: int) -> None:
+        from pmkvq_accel.hw.card import plan
         from pmkvq_accel.hw.kernel import KernelConfig
         from pmkvq_accel.sim.kernel_sim import KernelSim, SimError
         if self.sim is not None:
@@ -300,7 +301,9 @@ class SimDevice(Device):
             return
         kw = {k: v for k, v in (("word_bits", self.word_bits), ("max_tokens", self.max_tokens)) if v is not None}
         try:
-            cfg = KernelConfig(engines=self.engines, head_dim=head_dim, groups=group, **kw)
+            # the engines as the whole-card plan would place them (SLR0 first): their SLR crossings included
+            stages = plan(engines=self.engines).slr_stages()
+            cfg = KernelConfig(engines=self.engines, head_dim=head_dim, groups=group, slr_stages=stages, **kw)
         except ValueError as e:
             raise DeviceUnavailable(f"--board sim: the kernel cannot be built for this model: {e}") from None
         if self.progress:

@@ -57,6 +57,61 @@ def axi_full_bundle(prefix: str, data_bits: int = 512) -> Bundle:
     return Bundle(prefix, _full(data_bits))
 
 
+# channels of an AXI4 master bundle: (valid, ready, payload fields), and whether the master drives valid
+_CHANNELS = {
+    "ar": (True, ("araddr", "arlen", "arsize", "arburst", "arid")),
+    "aw": (True, ("awaddr", "awlen", "awsize", "awburst", "awid")),
+    "w": (True, ("wdata", "wstrb", "wlast")),
+    "r": (False, ("rdata", "rlast", "rresp", "rid")),
+    "b": (False, ("bresp", "bid")),
+}
+
+
+def _skid(m: Module, name: str, valid_i, ready_o, data_i, valid_o, ready_i, data_o) -> None:
+    """One full-rate register stage of a valid/ready channel: valid, data and ready all leave a register
+    (a skid buffer holds the beat that arrives while the output stalls), so the channel can cross an SLR
+    boundary on registered SLLs at one beat per cycle."""
+    out = Signal(len(data_i), name=f"{name}_out")
+    out_v = Signal(name=f"{name}_out_v")
+    buf = Signal(len(data_i), name=f"{name}_buf")
+    buf_v = Signal(name=f"{name}_buf_v")
+    m.d.comb += [ready_o.eq(~buf_v), valid_o.eq(out_v), data_o.eq(out)]
+    with m.If(~out_v | ready_i):
+        with m.If(buf_v):
+            m.d.sync += [out.eq(buf), out_v.eq(1), buf_v.eq(0)]
+        with m.Else():
+            m.d.sync += [out.eq(data_i), out_v.eq(valid_i)]
+    with m.Elif(valid_i & ~buf_v):
+        m.d.sync += [buf.eq(data_i), buf_v.eq(1)]
+
+
+class AxiSlice(Elaboratable):
+    """`stages` register stages on all five channels between an AXI4 master (`inner`, the engine's side) and
+    its port (`outer`): how an engine in SLR1/SLR2 reaches the HBM ports in SLR0 (one stage on each side of
+    every SLR boundary it crosses, docs/bitstream.md). Adds 2 x stages cycles to a read's round trip; the
+    throughput stays one beat per cycle on every channel."""
+
+    def __init__(self, inner: Bundle, outer: Bundle, stages: int):
+        if stages < 0:
+            raise ValueError(f"stages must be >= 0, got {stages}")
+        self.inner, self.outer, self.stages = inner, outer, stages
+
+    def elaborate(self, platform):
+        m = Module()
+        for ch, (from_master, fields) in _CHANNELS.items():
+            width = sum(len(getattr(self.inner, f)) for f in fields)
+            src, dst = (self.inner, self.outer) if from_master else (self.outer, self.inner)
+            valid, ready, data = getattr(src, f"{ch}valid"), getattr(src, f"{ch}ready"), Cat(
+                *[getattr(src, f) for f in fields])
+            for k in range(self.stages):
+                nv, nr, nd = Signal(name=f"{ch}{k}_v"), Signal(name=f"{ch}{k}_r"), Signal(width, name=f"{ch}{k}_d")
+                _skid(m, f"{ch}{k}", valid, ready, data, nv, nr, nd)
+                valid, ready, data = nv, nr, nd
+            m.d.comb += [getattr(dst, f"{ch}valid").eq(valid), ready.eq(getattr(dst, f"{ch}ready")),
+                         Cat(*[getattr(dst, f) for f in fields]).eq(data)]
+        return m
+
+
 # ---------------------------------------------------------------------------------------------------------
 class ControlRegisters(Elaboratable):
     """AXI4-Lite slave with the ap_ctrl_hs register map (regmap CTRL, GIE, IER, ISR) and

@@ -51,8 +51,8 @@ def config_key(cfg: KernelConfig) -> str:
     """The Verilog cache key: sim/runner.rtl_source_key over every RTL source and the configuration."""
     import amaranth
     from pmkvq_accel.sim.runner import rtl_source_key
-    params = {k: getattr(cfg, k) for k in ("engines", "pcs_per_engine", "word_bits", "head_dim", "groups",
-                                           "max_tokens", "fifo_depth", "max_outstanding") if hasattr(cfg, k)}
+    from dataclasses import fields
+    params = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init}   # every parameter of the config
     return rtl_source_key({"verilog": V.KERNEL, **params, "amaranth": amaranth.__version__}, build_args=[])
 
 
@@ -282,10 +282,8 @@ def main(argv=None, path: str | None = None) -> int:
     try:
         engine = C.EngineResources.from_report(a.engine_report) if a.engine_report else C.TODAY_ENGINE
         plan = C.plan(engine, engines=a.engines, pcs_per_engine=a.pcs_per_engine, clock_mhz=a.clock_mhz)
-        kw = dict(engines=plan.engines, head_dim=a.head_dim, groups=a.groups, max_tokens=a.max_tokens)
-        if "pcs_per_engine" in KernelConfig.__dataclass_fields__:
-            kw["pcs_per_engine"] = plan.pcs_per_engine
-        cfg = KernelConfig(**kw)
+        cfg = KernelConfig(engines=plan.engines, head_dim=a.head_dim, groups=a.groups, max_tokens=a.max_tokens,
+                           pcs_per_engine=plan.pcs_per_engine, slr_stages=plan.slr_stages())
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return V.EXIT_USAGE

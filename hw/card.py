@@ -134,6 +134,11 @@ class CardPlan:
             e -= n
         raise ValueError("engine index out of range")
 
+    def slr_stages(self) -> tuple[int, ...]:
+        """Register stages between each engine's master and its port (hw/axi.AxiSlice): one on each side of
+        every SLR boundary between the engine's SLR and SLR0, where the HBM ports are."""
+        return tuple(2 * (SLRS.index(self.engine_slr(e)) - SLRS.index(HBM_SLR)) for e in range(self.engines))
+
     def engine_pcs(self, e: int) -> tuple[int, ...]:
         """Engine e's HBM pseudo-channels (hw/regmap.engine_pcs: the contiguous range e*k .. e*k+k-1)."""
         return R.engine_pcs(e, self.engines, self.pcs_per_engine)
@@ -175,7 +180,7 @@ class CardPlan:
 
 
 def plan(engine: EngineResources = TODAY_ENGINE, engines: int | None = None, pcs_per_engine: int | None = None,
-         clock_mhz: float = CARD_CLOCK_MHZ, max_engines: int = 16) -> CardPlan:
+         clock_mhz: float = CARD_CLOCK_MHZ, max_engines: int = R.MAX_ENGINES) -> CardPlan:
     """The whole-card configuration: engines per SLR filled SLR0 -> SLR2 while each SLR stays within its limits
     (the slices of crossing masters included), at most one engine per PC and `max_engines` (KernelConfig's
     bound); `engines` forces a count (placed the same way, checked by `violations`). Each engine owns

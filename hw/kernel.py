@@ -20,7 +20,8 @@ from amaranth.lib.wiring import In, Out
 
 from . import regmap as R
 from .attention import COUNT_BITS, DecodeAttention, result_layout
-from .axi import BurstWriter, ControlRegisters, ReadArbiter, ReadChannel, axi_full_bundle, axi_lite_bundle
+from .axi import (AxiSlice, BurstWriter, ControlRegisters, ReadArbiter, ReadChannel, axi_full_bundle,
+                  axi_lite_bundle)
 from .config import DatapathConfig
 from .shrink import ShrinkUnit
 
@@ -33,6 +34,7 @@ class KernelConfig:
     contiguous range (link.cfg `sp=`); the host puts engine e's buffer in the first."""
     engines: int = 1
     pcs_per_engine: int = 1
+    slr_stages: tuple = ()         # register stages between engine e's master and its port (() = none)
     word_bits: int = R.WORD_BITS
     head_dim: int = 64
     groups: int = 3
@@ -48,6 +50,11 @@ class KernelConfig:
                 self.engines * self.pcs_per_engine > R.HBM_PCS:
             raise ValueError(f"{self.engines} engines x {self.pcs_per_engine} pseudo-channels each do not fit "
                              f"the card's {R.HBM_PCS} HBM pseudo-channels")
+        stages = tuple(self.slr_stages) or (0,) * self.engines     # () = no stages anywhere
+        if len(stages) != self.engines or not all(isinstance(k, int) and 0 <= k <= 4 for k in stages):
+            raise ValueError(f"slr_stages must give 0..4 register stages for each of the {self.engines} engines, "
+                             f"got {self.slr_stages!r}")
+        object.__setattr__(self, "slr_stages", stages)
         if self.fifo_depth < 64 or self.fifo_depth & (self.fifo_depth - 1):
             raise ValueError(f"fifo_depth must be a power of two >= 64, got {self.fifo_depth!r}")
         if self.word_bits not in (128, 256, 512):
@@ -578,12 +585,17 @@ class Kernel(Elaboratable):
                                                     constants={R.ENGINES: cfg.engines,
                                                                R.PCS_PER_ENGINE: cfg.pcs_per_engine})
         a = ctrl.args
-        engines = [Engine(cfg, e, self.gmem[e], a) for e in range(cfg.engines)]
-        for e, eng in enumerate(engines):
-            m.submodules[f"engine{e}"] = eng
+        engines = []
+        for e, port in enumerate(self.gmem):
+            stages = cfg.slr_stages[e]
+            bus = port
+            if stages:   # the engine sits in another SLR than the HBM ports: registered crossing
+                bus = axi_full_bundle(f"engine{e}_gmem", cfg.word_bits)
+                m.submodules[f"slr_slice{e}"] = AxiSlice(bus, port, stages)
+            m.d.comb += [bus.awid.eq(0), bus.arid.eq(0)]   # one AXI ID; driven so that the ports export as outputs
+            engines.append(Engine(cfg, e, bus, a))
+            m.submodules[f"engine{e}"] = engines[-1]
         m.d.comb += self.interrupt.eq(ctrl.interrupt)
-        for g in self.gmem:  # one AXI ID; driven so that the ports export as outputs
-            m.d.comb += [g.awid.eq(0), g.arid.eq(0)]
 
         # argument checks -> status (first failing check wins); token counts are per engine
         op = a["op"]

@@ -9,14 +9,27 @@ from pathlib import Path
 from . import runner
 
 
+def shared_test_config():
+    """The one small kernel build the test suite shares (tests/kernel, tests/test_host_sim.py,
+    tests/test_hbm_model.py, the README example on sim): 128-bit words, two engines placed as the card plan
+    places them (engine 1 in SLR1, so its master crosses an SLR boundary through register stages), the
+    SmolLM2 shape. The memory layout depends on neither the word width nor the engine count."""
+    from pmkvq_accel.hw.card import plan
+    from pmkvq_accel.hw.kernel import KernelConfig
+    return KernelConfig(engines=2, word_bits=128, head_dim=64, groups=3, max_tokens=2048,
+                        slr_stages=plan(engines=2).slr_stages())
+
+
 def build_kernel(engines: int = 1, word_bits: int = 128, head_dim: int = 64, groups: int = 3,
-                 max_tokens: int = 2048, pcs_per_engine: int = 1) -> Path:
+                 max_tokens: int = 2048, pcs_per_engine: int = 1, slr_stages: tuple = ()) -> Path:
     from pmkvq_accel.hw.kernel import KernelConfig, kernel_verilog
     cfg = KernelConfig(engines=engines, word_bits=word_bits, head_dim=head_dim, groups=groups,
-                       max_tokens=max_tokens, pcs_per_engine=pcs_per_engine)
+                       max_tokens=max_tokens, pcs_per_engine=pcs_per_engine, slr_stages=tuple(slr_stages))
     params = dict(e=engines, w=word_bits, hd=head_dim, g=groups, t=max_tokens)
     if pcs_per_engine != 1:   # (keeps the directory names of the one-PC builds)
         params["k"] = pcs_per_engine
+    if any(slr_stages):
+        params["s"] = "".join(map(str, slr_stages))
     runner._env_setup()
     key = runner.design_key("kernel", params)
     bdir = runner.BUILD_ROOT / key

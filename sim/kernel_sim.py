@@ -50,7 +50,7 @@ def ports_header(cfg: KernelConfig) -> str:
 def build_harness(cfg: KernelConfig) -> Path:
     """Build the kernel with Verilator (cached by sim/kernel_build.py) and the harness executable beside it."""
     bdir = build_kernel(engines=cfg.engines, word_bits=cfg.word_bits, head_dim=cfg.head_dim, groups=cfg.groups,
-                        max_tokens=cfg.max_tokens, pcs_per_engine=cfg.pcs_per_engine)
+                        max_tokens=cfg.max_tokens, pcs_per_engine=cfg.pcs_per_engine, slr_stages=cfg.slr_stages)
     exe, header = bdir / "harness", bdir / "harness_ports.h"
     src = ports_header(cfg)
     with runner._locked(runner.BUILD_ROOT / f".{bdir.name}.harness.lock"):

@@ -21,17 +21,18 @@ def test_todays_engine_fits_one_per_slr():
 def test_lean_engine_fills_the_card_and_respects_limits():
     lean = C.EngineResources(lut=30_000, ff=30_000, dsp=400, bram36=20, uram=10, source="test")
     p = C.plan(lean)
-    assert p.engines == 16                      # KernelConfig's bound, not the SLRs
+    assert p.engines == 17 and p.engines_per_slr == {"SLR0": 5, "SLR1": 6, "SLR2": 6}   # bound by the DSPs
     assert not p.violations()
+    assert p.slr_stages() == (0,) * 5 + (2,) * 6 + (4,) * 6     # 2 register stages per SLR boundary crossed
     res = p.resources()
     # the composition: engines x engine + glue (SLR0) + slices of every crossing master
     cross = p.crossings()
     for s in C.SLRS:
         want = p.engines_per_slr[s] * lean.lut + cross[s] * C.SLR_CROSSING.lut + (C.KERNEL_GLUE.lut if s == "SLR0" else 0)
         assert res["per_slr"][s]["lut"]["used"] == want
-    assert sum(p.engines_per_slr.values()) == 16 and p.pcs_per_engine == 2
-    p32 = C.plan(lean, max_engines=32)
-    assert p32.engines <= 32 and p32.engines * p32.pcs_per_engine <= C.HBM_PCS
+    assert p.pcs_per_engine == 1
+    p16 = C.plan(lean, max_engines=16)
+    assert p16.engines == 16 and p16.pcs_per_engine == 2 and p16.engines * p16.pcs_per_engine <= C.HBM_PCS
 
 
 def test_forced_engine_count_over_the_limit_is_reported():

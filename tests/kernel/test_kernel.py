@@ -1,13 +1,16 @@
 """Host-style tests of the whole kernel on Verilator (sim/tb_kernel.py): registers over AXI4-Lite, each
 engine's buffer in its own AXI RAM model, random stalls on every AXI channel, every engine's partial records
-bit-exact against the golden model over its slice. One 128-bit build with two engines (shared with
-tests/test_host_sim.py): the memory layout depends on neither the word width nor the engine count."""
+bit-exact against the golden model over its slice. One 128-bit build with two engines, engine 1 behind
+SLR-crossing register stages (sim/kernel_build.shared_test_config, shared with tests/test_host_sim.py): the
+memory layout depends on neither the word width nor the engine count."""
 import pytest
 
 from pmkvq_accel.sim import runner
-from pmkvq_accel.sim.kernel_build import build_kernel
+from pmkvq_accel.sim.kernel_build import build_kernel, shared_test_config
 
-BUILD = dict(engines=2, head_dim=64, groups=3)
+_CFG = shared_test_config()
+BUILD = dict(engines=_CFG.engines, head_dim=_CFG.head_dim, groups=_CFG.groups, slr_stages=list(_CFG.slr_stages))
+assert _CFG.slr_stages[1] > 0   # engine 1's master goes through SLR-crossing register stages
 
 CASES = {
     # the context split across both engines, uneven slices, boundaries at any token
