@@ -106,7 +106,7 @@ def _forward(model, ids, pos, layers, grads=False):
     dev = next(model.parameters()).device
     ids = ids.to(dev)[None]
     out = model(input_ids=ids, position_ids=pos.to(dev)[None], attention_mask=torch.ones_like(ids),
-                past_key_values=make_cache(layers), use_cache=True)
+                cache=make_cache(layers), use_cache=True)
     return out.logits
 
 

@@ -75,7 +75,7 @@ def run_chunks(model, ids, layers, ref: Reference | None, desc: str, max_chunk: 
         for a, b in tqdm(plan, desc=desc, unit="chunk", leave=False):
             x = ids[a:b].to(dev)[None]
             out = model(input_ids=x, position_ids=torch.arange(a, b, device=dev)[None],
-                        attention_mask=torch.ones(1, b, dtype=torch.long, device=dev), past_key_values=cache,
+                        attention_mask=torch.ones(1, b, dtype=torch.long, device=dev), cache=cache,
                         use_cache=True)
             e = min(b, L - 1)
             if e <= a:

@@ -44,7 +44,7 @@ def greedy(model, prompt: torch.Tensor, layers, n_new: int, desc: str) -> list[i
         for a, b in plan:
             b = min(b, P)
             logits = model(input_ids=prompt[a:b][None], position_ids=torch.arange(a, b)[None],
-                           attention_mask=torch.ones(1, b, dtype=torch.long), past_key_values=cache,
+                           attention_mask=torch.ones(1, b, dtype=torch.long), cache=cache,
                            use_cache=True).logits
         nxt = int(logits[0, -1].argmax())
         for i in tqdm(range(n_new), desc=desc, unit="tok", leave=False):
@@ -53,7 +53,7 @@ def greedy(model, prompt: torch.Tensor, layers, n_new: int, desc: str) -> list[i
                 break
             pos = P + i
             logits = model(input_ids=torch.tensor([[nxt]]), position_ids=torch.tensor([[pos]]),
-                           attention_mask=torch.ones(1, pos + 1, dtype=torch.long), past_key_values=cache,
+                           attention_mask=torch.ones(1, pos + 1, dtype=torch.long), cache=cache,
                            use_cache=True).logits
             nxt = int(logits[0, -1].argmax())
     return out

@@ -5,7 +5,7 @@ codes, integer shrink): the KV a method stores is dequantised and handed to ordi
 golden integer attention datapath agrees with float attention on the same dequantised KV to ~1e-6 relative
 (docs/numerics.md section 10), so float attention here stands for the hardware's.
 
-Layers (one per decoder layer, passed as `past_key_values=Cache(layers=[...])`):
+Layers (one per decoder layer, passed as `cache=Cache(layers=[...])`):
 - CaptureLayer: no quantisation; keeps the (post-RoPE) keys and values of one forward, optionally with grads.
 - RTNLayer: plain per-token (per head) quantisation of every token at a fixed width.
 - KIVILayer: keys per channel (groups of `group` tokens), values per token (groups of `group` channels), the

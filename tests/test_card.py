@@ -8,14 +8,22 @@ from pmkvq_accel.hw import card as C
 from pmkvq_accel.sim.hbm import HbmModel
 
 
-def test_todays_engine_fits_one_per_slr():
+def test_unpacked_engine_fits_one_per_slr():
     """1 640 DSP48E2 per engine: two would exceed 90 % of any SLR's DSPs, so the card holds three."""
-    p = C.plan()
+    p = C.plan(C.UNPACKED_ENGINE)
     assert p.engines_per_slr == {"SLR0": 1, "SLR1": 1, "SLR2": 1}
     assert p.pcs_per_engine == 10 and p.engine_pcs(2) == tuple(range(20, 30))
     assert [p.engine_slr(e) for e in range(3)] == ["SLR0", "SLR1", "SLR2"]
     assert not p.violations()
-    assert not C.fits(2, C.TODAY_ENGINE, "SLR2")
+    assert not C.fits(2, C.UNPACKED_ENGINE, "SLR2")
+
+
+def test_todays_engine_fits_five():
+    """1 247 DSP48E2 (packed score unit): one in SLR0 (glue and crossings there), two in SLR1 and SLR2."""
+    p = C.plan()
+    assert p.engines_per_slr == {"SLR0": 1, "SLR1": 2, "SLR2": 2} and p.pcs_per_engine == 6
+    assert p.slr_stages() == (0, 2, 2, 4, 4) and not p.violations()
+    assert not C.fits(2, C.TODAY_ENGINE, "SLR0") and not C.fits(3, C.TODAY_ENGINE, "SLR2")
 
 
 def test_lean_engine_fills_the_card_and_respects_limits():
@@ -36,8 +44,8 @@ def test_lean_engine_fills_the_card_and_respects_limits():
 
 
 def test_forced_engine_count_over_the_limit_is_reported():
-    p = C.plan(engines=5)
-    assert p.engines == 5 and p.violations()
+    p = C.plan(engines=6)
+    assert p.engines == 6 and p.violations()
     with pytest.raises(ValueError):
         C.plan(engines=33)
     with pytest.raises(ValueError):
@@ -45,7 +53,7 @@ def test_forced_engine_count_over_the_limit_is_reported():
 
 
 def test_crossings_count_boundaries():
-    p = C.plan(engines=3)
+    p = C.plan(C.UNPACKED_ENGINE, engines=3)
     # engine 1 (SLR1) crosses SLR1|SLR0, engine 2 (SLR2) crosses SLR2|SLR1 and SLR1|SLR0
     assert p.crossings() == {"SLR0": 2, "SLR1": 3, "SLR2": 1}
 
