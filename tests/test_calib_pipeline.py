@@ -115,7 +115,7 @@ def _logits_stepwise(model, ids, layers):
     with torch.no_grad():
         for t in range(ids.numel()):
             o = model(input_ids=ids[None, t:t + 1], position_ids=torch.tensor([[t]]),
-                      attention_mask=torch.ones(1, t + 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+                      attention_mask=torch.ones(1, t + 1, dtype=torch.long), cache=cache, use_cache=True)
             outs.append(o.logits[0])
     return torch.cat(outs)
 
@@ -126,7 +126,7 @@ def _logits_chunked(model, ids, layers, max_chunk=512):
     with torch.no_grad():
         for a, b in chunk_plan(ids.numel(), layers, max_chunk):
             o = model(input_ids=ids[None, a:b], position_ids=torch.arange(a, b)[None],
-                      attention_mask=torch.ones(1, b, dtype=torch.long), past_key_values=cache, use_cache=True)
+                      attention_mask=torch.ones(1, b, dtype=torch.long), cache=cache, use_cache=True)
             outs.append(o.logits[0])
     return torch.cat(outs)
 
