@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pmkvq_accel.model.attention import Query, attention_partial, exp2_neg
-from pmkvq_accel.model.fixedpoint import bf16_fields, shift_round, shift_round_saturate
-from pmkvq_accel.model.formats import (ACC_UNIT_OFFSET, MAX_PARTIAL_TOKENS, P_FRAC, SCORE_BITS, SCORE_FRAC,
-                                       TERM_LIMIT_BITS)
+# the arithmetic (attention_partials: attention_partial for H heads on packed segments) and the one unpacker
+# are defined once, in model/
+from pmkvq_accel.model.attention import Query, attention_partial, attention_partials
+from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS
 from pmkvq_accel.model.quant import (QuantizedKV, pack_codes, pack_metadata, shrink, unpack_codes,
                                      unpack_metadata)
 
@@ -48,21 +48,10 @@ def head_rows(mem, address: int, stride: int, n_heads: int, nbytes: int) -> np.n
     return np.ndarray((n_heads, nbytes), np.uint8, buffer=flat, strides=(stride, 1))
 
 
-# the one unpacker (packed rows of H heads -> codes) is model.quant.unpack_rows
-from pmkvq_accel.model.quant import unpack_rows  # noqa: E402  (re-exported)
-
-
 def read_meta(mem, address: int, stride: int, n_heads: int, tokens: int):
     """(scale, zero) uint16 bf16 patterns, each (n_heads, tokens), of the metadata block at `address`."""
     rows = head_rows(mem, address, stride, n_heads, 4 * tokens)
     return unpack_metadata(np.ascontiguousarray(rows).view("<u4"))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The datapath, vectorised over KV heads: defined once, in model/ (model.attention.attention_partials is
-# the arithmetic of model.attention.attention_partial for H heads, on packed segments straight from memory)
-
-from pmkvq_accel.model.attention import CHUNK_TOKENS, attention_partials, iter_chunks  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------------------

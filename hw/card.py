@@ -11,7 +11,6 @@ engines x (engine) + kernel glue + SLR-crossing register slices.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

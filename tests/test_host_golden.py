@@ -5,10 +5,9 @@ import pytest
 
 from pmkvq_accel.hw import regmap as L
 from pmkvq_accel.host.device import DeviceError, GoldenDevice, Kernel
-from pmkvq_accel.model.quant import unpack_rows
 from pmkvq_accel.host.kvcache import DeviceKVCache
 from pmkvq_accel.model.cache import CacheConfig, budget_for_width
-from pmkvq_accel.model.quant import pack_codes, unpack_codes
+from pmkvq_accel.model.quant import pack_codes, unpack_codes, unpack_rows
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4, 2])
