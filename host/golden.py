@@ -91,8 +91,7 @@ class GoldenKernel:
             op = arg("op")
             if op not in L.OP_NAMES:
                 raise KernelFault(L.STATUS_BAD_OP, f"op {op}")
-            if op != L.OP_ATTENTION:
-                self._kind(arg)
+            k = self._kind(arg) if op != L.OP_ATTENTION else None   # BAD_KIND before BAD_HEAD_DIM, as the RTL
             hd = arg("head_dim")
             if hd == 0 or hd * 16 % L.WORD_BITS or (self.head_dim is not None and hd != self.head_dim):
                 raise KernelFault(L.STATUS_BAD_HEAD_DIM, f"head_dim {hd} (kernel HEAD_DIM {self.head_dim})")
@@ -101,10 +100,8 @@ class GoldenKernel:
                 if not 1 <= G <= L.MAX_GROUP or (self.group is not None and G != self.group):
                     raise KernelFault(L.STATUS_BAD_GROUP, f"group {G} (kernel G {self.group})")
                 self._bits(arg, "k"), self._bits(arg, "v")
-            else:
-                k = self._kind(arg)
-                if self._bits(arg, k) == 2 and op == L.OP_SHRINK:
-                    raise KernelFault(L.STATUS_BAD_BITS, "cannot shrink 2-bit codes")
+            elif self._bits(arg, k) == 2 and op == L.OP_SHRINK:
+                raise KernelFault(L.STATUS_BAD_BITS, "cannot shrink 2-bit codes")
             views = [self._engine_view(arg, e) for e in range(self.engines)]
             acts = {L.OP_ATTENTION: lambda a: a("n_sink") + a("n_body") + a("n_window"),
                     L.OP_SHRINK: lambda a: a("n_body"), L.OP_COPY: lambda a: a("n_window")}[op]

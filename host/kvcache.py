@@ -264,11 +264,13 @@ class DeviceKVCache:
         if occ.sink:
             out.append(read(0, 0, 0, 16, occ.sink))
         if occ.body:
+            bodies = {e: read(e, geo.body_off, lay.geo.meta_body_off, occ.bits, body)   # each engine's once
+                      for e, (_, body, _) in enumerate(L.slices(occ, N)) if body}
             parts = []
             for blk in range(occ.body // w):
-                e, j = L.block_engine(blk, N), blk // N   # j-th block of engine e's body
-                b = read(e, geo.body_off, lay.geo.meta_body_off, occ.bits, (j + 1) * w)
-                parts.append(QuantizedKV(b.codes[j * w:], b.scale[j * w:], b.zero[j * w:], occ.bits))
+                b, j = bodies[L.block_engine(blk, N)], L.block_slot(blk, N)
+                parts.append(QuantizedKV(b.codes[j * w:(j + 1) * w], b.scale[j * w:(j + 1) * w],
+                                         b.zero[j * w:(j + 1) * w], occ.bits))
             out.append(QuantizedKV(np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
                                    np.concatenate([p.zero for p in parts]), occ.bits))
         if occ.window:

@@ -183,6 +183,16 @@ def block_engine(block: int, engines: int) -> int:
     return block % engines
 
 
+def block_slot(block: int, engines: int) -> int:
+    """Where window block `block` sits in its engine's body: the engine's block_slot-th window."""
+    return block // engines
+
+
+def engine_block_count(blocks: int, e: int, engines: int) -> int:
+    """How many of window blocks 0 .. blocks-1 engine e holds (those with block_engine(k) == e)."""
+    return blocks // engines + (1 if e < blocks % engines else 0)
+
+
 def slices(occ: Occupancy, engines: int) -> list[tuple[int, int, int]]:
     """(n_sink, n_body, n_window) of every engine for a store in state `occ` (whole windows in the body)."""
     w = occ.cfg.window
@@ -191,7 +201,7 @@ def slices(occ: Occupancy, engines: int) -> list[tuple[int, int, int]]:
     blocks = occ.body // w
     out = []
     for e in range(engines):
-        mine = blocks // engines + (1 if e < blocks % engines else 0)
+        mine = engine_block_count(blocks, e, engines)
         out.append((occ.sink if e == 0 else 0, mine * w,
                     occ.window if block_engine(blocks, engines) == e else 0))
     return out
@@ -270,7 +280,8 @@ def body_capacity(cfg: CacheConfig, budget: float, max_len: int, engines: int = 
     occ, peak, tokens, flushes, pos = Occupancy(cfg), [0], [0], [0], 0
 
     def on_flush():  # window block k joins engine k % N's body at the body's width, before any shrink
-        mine = flushes[0] // engines + 1
+        k = flushes[0]
+        mine = engine_block_count(k + 1, block_engine(k, engines), engines)
         flushes[0] += 1
         peak[0] = max(peak[0], mine * cfg.window * occ.bits)
         tokens[0] = max(tokens[0], mine * cfg.window)

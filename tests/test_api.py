@@ -18,16 +18,6 @@ from pmkvq_accel.host.device import GoldenDevice
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def model():
-    """The default model on one torch thread (with several, a busy shared machine slows them 10x)."""
-    from pmkvq_accel.model.llm import load_model
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(device="cpu")
-    torch.set_num_threads(n)
-
-
 def readme_example() -> str:
     text = (ROOT / "README.md").read_text()
     m = re.search(r"## Use it from Python\n.*?```python\n(.*?)```", text, re.S)

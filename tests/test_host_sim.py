@@ -6,19 +6,11 @@ import numpy as np
 import pytest
 
 from pmkvq_accel.host.device import DeviceError, DeviceUnavailable, GoldenDevice, SimDevice
+from pmkvq_accel.sim.kernel_build import shared_test_config
 from device_compare import assert_same_cache_results, one_layer_cache
 
-SMALL = dict(word_bits=128, max_tokens=2048, engines=2, progress=None)   # = tests/kernel's build (shared)
-
-
-@pytest.fixture(scope="module")
-def model():
-    import torch
-    from pmkvq_accel.model.llm import load_model
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(device="cpu")
-    torch.set_num_threads(n)
+_CFG = shared_test_config()     # = tests/kernel's build (shared); SimDevice places the engines the same way
+SMALL = dict(word_bits=_CFG.word_bits, max_tokens=_CFG.max_tokens, engines=_CFG.engines, progress=None)
 
 
 def cache_bytes(kv):
