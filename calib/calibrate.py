@@ -39,6 +39,7 @@ from pmkvq_accel.calib import table as T
 from pmkvq_accel.calib.allocate import AllocationError, allocate, rtn_equivalent_bytes, uniform_budgets
 from pmkvq_accel.calib.quantsim import CaptureLayer, fake_quant, make_cache
 from pmkvq_accel.model.cache import CacheConfig, budget_for_width
+from pmkvq_accel.model.llm import attention_modules
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "out" / "calib"
@@ -114,7 +115,7 @@ def collect_stats(model, samples, pos, settings: CalibSettings, desc="stats"):
     """max |K| per (kv head, channel) over all samples; Q/K/V of the first search_samples samples per layer."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     n_layers, n_heads, n_kv, hd = _dims(model)
-    attn = T.attention_modules(model)
+    attn = attention_modules(model)
     max_k = [torch.zeros(n_kv, hd, dtype=torch.float64) for _ in range(n_layers)]
     qkv = [[] for _ in range(n_layers)]
     q_out, rope = {}, {}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pmkvq_accel.model.cache import BudgetError, CacheConfig, LayerKVCache, budget_for_width, shrink_schedule
+from pmkvq_accel.model.llm import attention_modules
 
 FORMAT = "pmkvq-bitwidth-table"
 VERSION = 1
@@ -414,15 +415,6 @@ def load_factors(table: BitWidthTable) -> list | None:
                                  f"({table.n_kv_heads}, {table.head_dim}), got {tuple(t.shape)}")
             out.append(t)
     return out
-
-
-def attention_modules(model) -> list:
-    """The self-attention modules of a Llama/Qwen2-family transformers model, in layer order."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__} has no .model.layers: not a Llama/Qwen2-family model")
-    return [layer.self_attn for layer in layers]
 
 
 def fold_factors(model, factors) -> None:

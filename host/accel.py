@@ -366,7 +366,7 @@ class Accelerator:
     def _fold(self) -> None:
         import torch
 
-        from pmkvq_accel.calib.table import attention_modules
+        from pmkvq_accel.model.llm import attention_modules
 
         from . import table as host_table
         if getattr(self.table, "reparam_path", None) is None:
@@ -461,7 +461,7 @@ def accelerate(model, tokenizer=None, board="golden", table=None, xclbin=None, *
     if getattr(model, _ACTIVE_MARK, None) is not None:
         raise ValueError(f"this model is already accelerated ({getattr(model, _ACTIVE_MARK)!r}): close() that "
                          f"accelerator first")
-    from pmkvq_accel.calib.table import attention_modules
+    from pmkvq_accel.model.llm import attention_modules
 
     from . import table as host_table
     n_layers = len(attention_modules(model))

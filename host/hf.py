@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pmkvq_accel.calib.table import attention_modules
+from pmkvq_accel.model.llm import attention_modules
 
 from .kvcache import DeviceKVCache
 from .rotation import check_rotation, rotate

