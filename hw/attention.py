@@ -22,7 +22,7 @@ from amaranth.lib.wiring import In, Out
 from .arith import any_tree, bf16_fields, comb, kept, max_tree, reg, select_update
 from .config import DatapathConfig
 from .score import ScoreUnit
-from .softmax import E_STAGE as W_E_STAGE, LATENCY as W_LATENCY, P_BITS, W_OUT, Z_OUT, WeightUnit
+from .softmax import E_STAGE as W_E_STAGE, LATENCY as W_LATENCY, P_BITS, Z_OUT, WeightUnit
 from .unpack import Unpack
 from .values import ACC_BITS, ValueMac
 

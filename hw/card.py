@@ -3,10 +3,10 @@ pseudo-channels (PCs) each engine's master owns, the clock the projection assume
 estimate of the whole kernel. The single home of the card's figures (docs/card.md, /work/shared/docs/alveo.md):
 hw/vitis.py (link.cfg, floorplan), sim/hbm.py (the memory model) and sim/bench_card.py import them.
 
-Per-engine resources come from a synthesis report (`EngineResources.from_report`, a resources.json or a
-hw/synth_report.py result) or the documented figure `TODAY_ENGINE` (docs/hardware.md); whole-kernel synthesis
-of many engines is far too slow on the project's machines, so the kernel's estimate is composed:
-engines x (engine) + kernel glue + SLR-crossing register slices.
+Per-engine resources come from a synthesis report (`EngineResources.from_report`, a resources.json) or the
+documented figure `TODAY_ENGINE` (docs/hardware.md); whole-kernel synthesis of many engines is far too slow
+on the project's machines, so the kernel's estimate is composed: engines x (engine) + kernel glue +
+SLR-crossing register slices.
 """
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ class EngineResources:
 
     @classmethod
     def from_report(cls, path: str | Path, source: str | None = None) -> "EngineResources":
-        """From a resources.json of hw/bitstream.py (keys LUT, FF, DSP, BRAM36, URAM) or a JSON dict with
-        lower-case keys (lut, ff, dsp, bram36, uram); a whole-kernel report of a 1-engine kernel counts the
+        """From a resources.json of hw/bitstream.py (hw/synth_report.device_usage's keys LUT, FF, DSP, BRAM36,
+        URAM: LUT counts INV and LUT-RAM) or a JSON dict with lower-case keys (lut, ff, dsp, bram36, uram, the
+        same counts); a whole-kernel report of a 1-engine kernel counts the
         kernel glue (`KERNEL_GLUE`) too, which is subtracted when the report says engines=1."""
         d = json.loads(Path(path).read_text())
         res = d.get("resources", d)

@@ -65,6 +65,16 @@ class DatapathConfig:
         """Words per token at this width (1 when a word holds one or more tokens)."""
         return max(1, bits * self.head_dim // self.word_bits)
 
+    def slot_widths(self, slot: int) -> tuple[int, ...]:
+        """The code widths whose tokens reach token slot `slot` of a word (slot 0 holds every width; slot j
+        >= 1 only widths with more than j tokens per word). The unpacker fills lanes by this rule and the
+        score and value units size each slot's arithmetic by it."""
+        return tuple(b for b in SUPPORTED_BITS if slot == 0 or self.tpw(b) > slot)
+
+    def slot_bits(self, slot: int) -> int:
+        """The widest code that reaches token slot `slot`."""
+        return max(self.slot_widths(slot))
+
     @property
     def max_wpt(self) -> int:
         return self.wpt(16)

@@ -15,8 +15,9 @@ import numpy as np
 from pmkvq_accel.model.attention import Partial, Query
 from pmkvq_accel.model.quant import QuantizedKV, pack_codes, pack_metadata
 
-from .attention import COUNT_BITS
+from .attention import COUNT_BITS, job_layout, result_layout
 from .config import DatapathConfig, lb_of
+from .values import ACC_BITS
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def align_segments(keys: Sequence[QuantizedKV], values: Sequence[QuantizedKV]):
     cuts = sorted(kb | vb)
 
     def recut(blocks):
-        res, t0, i = [], 0, 0
+        res = []
         starts = []
         t = 0
         for b in blocks:
@@ -102,6 +103,40 @@ def job_words(cfg: DatapathConfig, keys: Sequence[QuantizedKV], values: Sequence
     return out
 
 
+def pack_fields(layout, **fields) -> int:
+    """A payload of `layout` (an amaranth data.StructLayout) as an integer: each field at its offset, masked
+    to its width; fields not given are zero."""
+    unknown = set(fields) - {name for name, _ in layout}
+    if unknown:
+        raise ValueError(f"no field {sorted(unknown)} in the layout")
+    v = 0
+    for name, f in layout:
+        v |= (int(fields.get(name, 0)) & ((1 << f.width) - 1)) << f.offset
+    return v
+
+
+def unpack_fields(layout, value: int) -> dict:
+    """An integer payload of `layout` -> {field: unsigned value}."""
+    return {name: (value >> f.offset) & ((1 << f.width) - 1) for name, f in layout}
+
+
+def lanes(values, width: int) -> int:
+    """Equal-width lanes (lane i at bit i * width, each masked to width) as one integer."""
+    out = 0
+    for i, v in enumerate(values):
+        out |= (int(v) & ((1 << width) - 1)) << (i * width)
+    return out
+
+
+def lane(value: int, i: int, width: int) -> int:
+    """Lane i of `lanes`' packing (unsigned)."""
+    return (value >> (i * width)) & ((1 << width) - 1)
+
+
+def as_signed(v: int, bits: int) -> int:
+    return v - (1 << bits) if v >> (bits - 1) & 1 else v
+
+
 def job_descriptor(cfg: DatapathConfig, query: Query, keys, values) -> int:
     """The `job` stream payload (hw.attention.job_layout) as an integer."""
     segs, _, _ = align_segments(keys, values)
@@ -112,41 +147,21 @@ def job_descriptor(cfg: DatapathConfig, query: Query, keys, values) -> int:
         raise ValueError(f"{len(segs)} segments; this datapath takes at most {NS}")
     if sum(s.count for s in segs) > cfg.max_tokens:
         raise ValueError(f"{sum(s.count for s in segs)} tokens exceed max_tokens={cfg.max_tokens}")
-    val, pos = 0, 0
-
-    def put(v, width):
-        nonlocal val, pos
-        val |= (int(v) & ((1 << width) - 1)) << pos
-        pos += width
-    for c in query.codes.reshape(-1):
-        put(c, 16)
     for e in query.exp:
         if not -32768 <= int(e) < 32768:
             raise ValueError(f"query exponent {int(e)} out of the 16-bit range")
-        put(e, 16)
-    put(len(segs), 5)
-    for i in range(NS):
-        put(segs[i].count if i < len(segs) else 0, COUNT_BITS)
-    for i in range(NS):
-        put(lb_of(segs[i].kbits) if i < len(segs) else 0, 2)
-    for i in range(NS):
-        put(lb_of(segs[i].vbits) if i < len(segs) else 0, 2)
-    return val
-
-
-def _signed(v: int, bits: int) -> int:
-    return v - (1 << bits) if v >> (bits - 1) else v
+    pad = [Segment(0, 2, 2)] * (NS - len(segs))     # unused segment slots: zero (width code 0)
+    segs = list(segs) + pad
+    return pack_fields(job_layout(cfg), q=lanes(query.codes.reshape(-1), 16), qexp=lanes(query.exp, 16),
+                       nseg=len(segs) - len(pad), count=lanes([s.count for s in segs], COUNT_BITS),
+                       klb=lanes([lb_of(s.kbits) for s in segs], 2), vlb=lanes([lb_of(s.vbits) for s in segs], 2))
 
 
 def decode_result(cfg: DatapathConfig, payload: int) -> dict:
-    """One `result` beat -> {head, m, l, e, acc (list)}."""
-    head = payload & 7
-    m = _signed((payload >> 3) & 0xFFFFFFFF, 32)
-    l_ = (payload >> 35) & ((1 << 64) - 1)
-    e = _signed((payload >> 99) & 0xFFFF, 16)
-    acc_bits = payload >> 115
-    acc = [_signed((acc_bits >> (64 * d)) & ((1 << 64) - 1), 64) for d in range(cfg.head_dim)]
-    return {"head": head, "m": m, "l": l_, "e": e, "acc": acc}
+    """One `result` beat (hw.attention.result_layout) -> {head, m, l, e, acc (list)}."""
+    f = unpack_fields(result_layout(cfg), payload)
+    return {"head": f["head"], "m": as_signed(f["m"], 32), "l": f["l"], "e": as_signed(f["e"], 16),
+            "acc": [as_signed(lane(f["acc"], d, ACC_BITS), ACC_BITS) for d in range(cfg.head_dim)]}
 
 
 def expected_beats(part: Partial) -> list[dict]:

@@ -18,6 +18,8 @@ from amaranth.back import verilog
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from pmkvq_accel.model.formats import SUPPORTED_BITS, WIDTH_CODES
+
 from . import regmap as R
 from .attention import COUNT_BITS, DecodeAttention, result_layout
 from .axi import (AxiSlice, BurstWriter, ControlRegisters, ReadArbiter, ReadChannel, axi_full_bundle,
@@ -287,17 +289,29 @@ class Engine(Elaboratable):
         kcode_words = [code_words(n, lb, f"kc{i}") for i, (n, lb) in enumerate(zip(counts, klbs))]
         vcode_words = [code_words(n, lb, f"vc{i}") for i, (n, lb) in enumerate(zip(counts, vlbs))]
 
-        h64 = head.as_unsigned()
+        qwords, pw = cfg.query_words * G, cfg.partial_words
+        # the head's offsets (head * stride) kept as running sums: `first_head`/`next_head` set head and
+        # them together, so no multiplier is needed for the run-time strides
+        k_off, v_off, meta_off, q_off, p_off = (Signal(64, name=n) for n in ("k_off", "v_off", "meta_off", "q_off", "p_off"))
+        strides = ((k_off, a["k_codes_stride"]), (v_off, a["v_codes_stride"]), (meta_off, a["meta_stride"]),
+                   (q_off, qwords * WORD_BYTES), (p_off, G * pw * WORD_BYTES))
+
+        def first_head():
+            return [head.eq(0)] + [off.eq(0) for off, _ in strides]
+
+        def next_head():
+            return [head.eq(head + 1)] + [off.eq(off + stride) for off, stride in strides]
+
         k_codes = Signal(64)
         v_codes = Signal(64)
         k_meta = Signal(64)
         v_meta = Signal(64)
         base = mine["base"]
         m.d.comb += [
-            k_codes.eq(base + a["k_codes"] + h64 * a["k_codes_stride"]),
-            v_codes.eq(base + a["v_codes"] + h64 * a["v_codes_stride"]),
-            k_meta.eq(base + a["k_meta"] + h64 * a["meta_stride"]),
-            v_meta.eq(base + a["v_meta"] + h64 * a["meta_stride"]),
+            k_codes.eq(base + a["k_codes"] + k_off),
+            v_codes.eq(base + a["v_codes"] + v_off),
+            k_meta.eq(base + a["k_meta"] + meta_off),
+            v_meta.eq(base + a["v_meta"] + meta_off),
         ]
         extents = {
             "kmeta": [(k_meta, meta_words[0]), (k_meta + a["meta_body_off"], meta_words[1]),
@@ -329,7 +343,6 @@ class Engine(Elaboratable):
         fed_all = Cat(*fed).all()
 
         # ---- query loader -> job descriptor ----
-        qwords = cfg.query_words * G
         qbuf = Signal(qwords * WORD_BITS)
         qcount = Signal(range(qwords + 1))
         qc = ch["query"]
@@ -363,7 +376,6 @@ class Engine(Elaboratable):
         m.d.comb += [sq.counts[i].eq(c) for i, c in enumerate(counts)]
 
         # ---- results -> partial records -> writer ----
-        pw = cfg.partial_words
         m.submodules.records = recs = PartialRecords(cfg)
         wiring.connect(m, dp.result, recs.result)
         results = Signal(range(G + 1))
@@ -426,7 +438,7 @@ class Engine(Elaboratable):
         with m.FSM(name=f"engine{self.index}") as fsm:
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += head.eq(0)
+                    m.d.sync += first_head()
                     with m.If(has_tokens):
                         with m.If(a["op"] == R.OP_ATTENTION):
                             m.next = "QUERY"
@@ -449,7 +461,7 @@ class Engine(Elaboratable):
                         m.d.sync += x_meta_cmd.eq(1)
                 with m.If(x_meta_cmd & (mv.written == x_codes_out + x_meta) & wr.idle):
                     with m.If(head + 1 < n_heads):
-                        m.d.sync += head.eq(head + 1)
+                        m.d.sync += next_head()
                         m.next = "X_ISSUE"
                     with m.Else():
                         m.next = "IDLE"
@@ -458,7 +470,7 @@ class Engine(Elaboratable):
             # so the port streams across heads while the sequencer below finishes the previous one.
             with m.State("QUERY"):
                 m.d.comb += [qc.cmd.valid.eq(1),
-                             qc.cmd.payload.addr.eq(base + a["query"] + h64 * (qwords * WORD_BYTES)),
+                             qc.cmd.payload.addr.eq(base + a["query"] + q_off),
                              qc.cmd.payload.words.eq(qwords)]
                 with m.If(qc.cmd.ready):
                     m.d.sync += w_issued.eq(0)
@@ -466,13 +478,13 @@ class Engine(Elaboratable):
             with m.State("FEED"):
                 m.d.comb += feed.eq(1)
                 m.d.comb += [wr.cmd.valid.eq(~w_issued),
-                             wr.cmd.payload.addr.eq(base + a["partial"] + h64 * (G * pw * WORD_BYTES)),
+                             wr.cmd.payload.addr.eq(base + a["partial"] + p_off),
                              wr.cmd.payload.words.eq(G * pw)]
                 with m.If(wr.cmd.valid & wr.cmd.ready):
                     m.d.sync += w_issued.eq(1)
                 with m.If(w_issued & fed_all & ~Cat(*[c.active for c in ch.values()]).any()):
                     with m.If(head + 1 < n_heads):
-                        m.d.sync += head.eq(head + 1)
+                        m.d.sync += next_head()
                         m.next = "QUERY"
                     with m.Else():
                         m.next = "FINISH"
@@ -539,8 +551,11 @@ def debug_fields(**signals):
 
 
 def _lb(bits):
-    """Width -> 2-bit code (2 -> 0, 4 -> 1, 8 -> 2, 16 -> 3); invalid widths are caught by validation."""
-    return Mux(bits == 16, 3, Mux(bits == 8, 2, Mux(bits == 4, 1, 0)))
+    """Width -> its 2-bit code (model.formats.WIDTH_CODES); invalid widths are caught by validation."""
+    code = Const(0, 2)
+    for b, c in WIDTH_CODES.items():
+        code = Mux(bits == b, c, code)
+    return code
 
 
 def _compact(m: Module, present, items):
@@ -649,7 +664,11 @@ class Kernel(Elaboratable):
 
 
 def _valid_bits(bits):
-    return (bits == 2) | (bits == 4) | (bits == 8) | (bits == 16)
+    """bits is one of the supported code widths (model.formats.SUPPORTED_BITS)."""
+    ok = Const(0, 1)
+    for b in SUPPORTED_BITS:
+        ok = ok | (bits == b)
+    return ok
 
 
 def kernel_verilog(cfg: KernelConfig = KernelConfig()) -> str:

@@ -12,6 +12,8 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from pmkvq_accel.model.formats import width_code
+
 from .config import DatapathConfig
 
 
@@ -40,15 +42,12 @@ def unpack_lanes(m, cfg: DatapathConfig, word, lb, wi, ntok):
         m.d.comb += tok_ok.eq(ntok > j)
         for d in range(HD):
             terms = []
-            for lb_v, b in enumerate((2, 4, 8, 16)):
+            for b in cfg.slot_widths(j):
+                lb_v = width_code(b)
                 if W >= b * HD:
-                    if j >= W // (b * HD):
-                        continue
                     k = j * HD + d
                     cond = tok_ok
                 else:
-                    if j != 0:
-                        continue
                     per = W // b
                     k = d % per
                     cond = tok_ok & (wi == d // per)

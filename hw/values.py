@@ -1,12 +1,19 @@
 """Value accumulation (value pass): acc[g][d] += sum_j (W[j][g] * c16[j][d] - Z[j][g])
 (docs/numerics.md section 7).
 
-Per (head, dimension) the nj products of a word go through one systolic multiply-add chain (DSP48
-cascade; token slot j is skewed by j cycles) whose first stage also adds -sum_j Z[j][g] (the DSP's C
-input, shared by the head's dimensions), then into a 64-bit accumulator. The caller zeroes the Z lanes
-that must not count (empty slots, the later words of a multi-word token).
-Beats with `clear` start a new run; after the beat with `last` the output holds the accumulators
-(o.valid) until o.ready, stalling new input meanwhile.
+Token slots that can hold codes wider than 2 bits (`DatapathConfig.slot_bits`) multiply in DSPs: per
+(head, dimension) one systolic multiply-add chain over those slots (DSP48 cascade; the k-th slot of the
+chain is skewed by k cycles), then a 64-bit accumulator. Slots that only ever hold 2-bit codes (slots
+2 and 3 of a 512-bit word at head_dim 64) need no multiplier: W * c16 = (c * W) << 14 for c in 0..3 is a
+choice among 0, W, 2W and 3W, with 3W formed once per (slot, head) and shared by every dimension. The
+first such slot chooses among -sum_j Z + a * W << 14 instead (the Z sum folded into its candidates),
+and the sum of the choices is the C input of the chain's first stage. Those choices take the same two
+cycles the chain saves, so the unit's latency is unchanged at nj = 4.
+
+The caller zeroes the Z lanes that must not count (empty slots, the later words of a multi-word token)
+and the code lanes of tokens a word does not hold (the unpacker does). Beats with `clear` start a new
+run; after the beat with `last` the output holds the accumulators (o.valid) until o.ready, stalling new
+input meanwhile.
 """
 from __future__ import annotations
 
@@ -49,24 +56,32 @@ class ValueMac(wiring.Component):
         p = self.i.payload
         v1 = reg(m, adv, self.i.valid, name="mv1")
         c1 = reg(m, adv, Cat(p.clear, p.last), name="mc1")
-        # -sum_j Z per head, registered: the C input of each chain's first stage, added with its product
+        # -sum_j Z per head (registered): pair sums as kept LUT outputs, then the sum and its negation
         nz = []
         for gi in range(G):
             zl = [p.z[(j * G + gi) * Z_OUT:(j * G + gi + 1) * Z_OUT].as_signed() for j in range(nj)]
-            # the pair sums as kept LUT outputs: an adder each, then the sum and its negation
             half = [kept(m, sum(zl[i:i + 2]), signed(Z_OUT + 1), "mz") for i in range(0, nj, 2)]
             nz.append(reg(m, adv, -sum(half), signed(Z_OUT + 2), name="mnz"))     # |sum| < nj * 2^42
-        # the chains: slot j's operands delayed by j cycles; a word's sum is ready `lat` cycles after it
-        ws = {(j, gi): delay(m, adv, p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed(), j, name="mws")
-              for j in range(nj) for gi in range(G)}
-        cs = {(j, d): delay(m, adv, p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16], j, name="mcs")
-              for j in range(nj) for d in range(hd)}
+        w_in = {(j, gi): p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed()
+                for j in range(nj) for gi in range(G)}
+        lane = {(j, d): p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16] for j in range(nj) for d in range(hd)}
+        dsp_slots = [j for j in range(nj) if cfg.slot_bits(j) > 2]
+        lut_slots = [j for j in range(nj) if cfg.slot_bits(j) == 2]
+        if lut_slots:
+            c_in, skew = self._lut_slots(m, adv, lut_slots, nz, w_in, lane)
+        else:
+            c_in, skew = nz, 0
+        # the chains: the k-th DSP slot's operands delayed by skew + k cycles (c_in arrives skew + 1 cycles
+        # after the beat); a word's sum is ready `lat` cycles after it
+        ws = {(j, gi): delay(m, adv, w_in[j, gi], skew + k, name="mws") for k, j in enumerate(dsp_slots) for gi in range(G)}
+        cs = {(j, d): delay(m, adv, lane[j, d], skew + k, name="mcs") for k, j in enumerate(dsp_slots) for d in range(hd)}
         sums = {}
         for gi in range(G):
             for d in range(hd):
                 # |W c| < 2^42 and |Z| < 2^42 per slot, nj <= 4: every partial sum fits the DSP's 48 bits
-                sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in range(nj)], nz[gi], name="vc",
-                                             width=48)
+                sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in dsp_slots],
+                                             c_in[gi, d] if lut_slots else c_in[gi], name="vc", width=48)
+        lat += skew
         vv, valids = v1, [v1]
         for _ in range(lat - 1):
             vv = reg(m, adv, vv, name="mvt")
@@ -88,3 +103,52 @@ class ValueMac(wiring.Component):
             busy = busy | v
         m.d.comb += self.busy.eq(busy)
         return m
+
+    def _lut_slots(self, m, adv, slots, nz, w_in, lane):
+        """The products of the 2-bit-only slots as choices, summed with -sum Z: the chain's C input per
+        (head, dimension), registered 3 cycles after the beat. Returns (c_in, skew = 2): the DSP slots'
+        operands are delayed 2 cycles so that c_in meets the chain's first stage.
+
+        W * c16 = (c W) << 14 and -sum Z keep their low 14 bits apart: the choices are made on the bits
+        above (cand = (-sum Z >> 14) + a W for the first slot, a W for the others), and the low 14 bits of
+        -sum Z are carried beside them."""
+        G, hd = self.cfg.groups, self.cfg.head_dim
+        first, rest = slots[0], slots[1:]
+        code = {(j, d): lane[j, d][14:16] for j in slots for d in range(hd)}
+        # cycle 1: W and 3W per (slot, head); the codes
+        mult = {}
+        for j in slots:
+            for gi in range(G):
+                w = w_in[j, gi].as_unsigned()[0:W_OUT - 1]                 # W >= 0
+                w1 = reg(m, adv, w, unsigned(W_OUT - 1), name="lw")
+                w3 = reg(m, adv, (w << 1) + w, unsigned(W_OUT + 1), name="lw3")   # an adder, not a multiplier
+                mult[j, gi] = (w1, w3)
+        code1 = {k: delay(m, adv, v, 1, name="lc") for k, v in code.items()}
+        # cycle 2: the first slot's candidates per head; the other slots' choices per (head, dimension)
+        cand, nz_lo = {}, {}
+        for gi in range(G):
+            w1, w3 = mult[first, gi]
+            hi = nz[gi][14:].as_signed()
+            cand[gi] = [reg(m, adv, hi + a, signed(len(nz[gi]) - 14 + 2), name="lcand")
+                        for a in (0, w1, w1 << 1, w3)]
+            nz_lo[gi] = delay(m, adv, nz[gi][0:14], 1, name="lzl")
+        chosen = {}
+        for j in rest:
+            for gi in range(G):
+                w1, w3 = mult[j, gi]
+                for d in range(hd):
+                    chosen[j, gi, d] = reg(m, adv, _choose(code1[j, d], (0, w1, w1 << 1, w3)), unsigned(W_OUT + 1),
+                                           name="lch")
+        code2 = {d: delay(m, adv, code1[first, d], 1, name="lc") for d in range(hd)}
+        # cycle 3: the first slot's choice plus the others' -> C input
+        c_in = {}
+        for gi in range(G):
+            for d in range(hd):
+                hi = _choose(code2[d], cand[gi]) + sum(chosen[j, gi, d] for j in rest)
+                c_in[gi, d] = reg(m, adv, Cat(nz_lo[gi], hi), signed(48), name="lcin")
+        return c_in, 2
+
+
+def _choose(c, options):
+    """options[c] for a 2-bit c, as a 4:1 multiplexer (one LUT6 per bit)."""
+    return Mux(c[1], Mux(c[0], options[3], options[2]), Mux(c[0], options[1], options[0]))

@@ -62,9 +62,9 @@ def _env_setup():
         os.environ.setdefault("OBJCACHE", "ccache")
 
 
-# hw/ modules the RTL never imports (the Vitis flow, the card plan, the synthesis report): editing them must
-# not rebuild every simulator (tests/test_source_key.py checks that elaborating the kernel imports none of them)
-NOT_RTL = ("bitstream.py", "card.py", "synth_report.py", "vitis.py")
+# hw/ modules the RTL never imports (the Vitis flow, the card plan, the job encoders, the synthesis report):
+# editing them must not rebuild every simulator (tests/test_source_key.py checks that elaborating the kernel imports none of them)
+NOT_RTL = ("bitstream.py", "card.py", "jobs.py", "synth_report.py", "vitis.py")
 
 
 def rtl_source_files() -> list[Path]:

@@ -61,7 +61,8 @@ def test_weight(dp, tmp_path):
     _run("weight", lambda: WeightUnit(cfg, tag_width=12), dp, tmp_path, tag_width=12, jobs=JOBS)
 
 
-@pytest.mark.parametrize("dp", [pytest.param(DP_SMALL, id="w128hd64"), WIDE])
+@pytest.mark.parametrize("dp", [pytest.param(DP_SMALL, id="w128hd64"), pytest.param(DP_PACKED, id="w256hd64g1"),
+                                pytest.param(dict(word_bits=512, head_dim=64, groups=1), id="w512hd64g1"), WIDE])
 def test_mac(dp, tmp_path):
     cfg = DatapathConfig(**dp)
     _run("mac", lambda: ValueMac(cfg), dp, tmp_path, runs=[1, 2, 17, 60])
