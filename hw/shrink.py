@@ -5,6 +5,8 @@ and metadata words whose scales become s' = bf16(s * (2^n + 1)) (zero unchanged)
 
     q' = ((q << 2n) - (q << n) + q + 2^(3n-1) - 2^(2n-1) + 2^(n-1)) >> 3n,  masked to n bits
 
+Five register stages (the scale product; its top bit; the normalising shift; the rounding decision;
+the rounded fields), then the output word.
 Stream protocol (`i`): kind 0 = code word, kind 1 = metadata word; `last` marks the block's last code
 word (an odd word count then flushes a half-filled output word). `n_lb` is the target width
 (8 -> 2, 4 -> 1, 2 -> 0), chosen per word at run time.
@@ -17,7 +19,7 @@ from amaranth.lib.wiring import In, Out
 
 from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP
 
-from .arith import comb
+from .arith import comb, delay, reg
 from .config import WORD_BITS
 
 
@@ -27,40 +29,58 @@ def shrink_code(m, q, n):
     return t[3 * n:4 * n]
 
 
-def shrink_scale_bits(m, s16, n):
-    """bf16 pattern -> bf16(s * (2^n + 1)), round to nearest even (subnormals kept)."""
-    sign = s16[15]
+def scale_product(m, s16, n_lb):
+    """First stage of bf16(s * (2^n + 1)): (sign, exponent x, P = mant * (2^n + 1)) with n = 2 << n_lb chosen
+    at run time; the product as a shift and an add (no multiplier)."""
     e = s16[7:15]
     frac = s16[0:7]
     mant = comb(m, Mux(e == 0, frac, Cat(frac, Const(1, 1))), unsigned(8), "sm")
     x = comb(m, Mux(e == 0, BF16_SUBNORMAL_EXP, e - BF16_EXP_BIAS), signed(10), "sx")
-    P = comb(m, mant * ((1 << n) + 1), unsigned(16), "sp")
-    h = Signal(range(16), name="sh_h")
+    shifted = Mux(n_lb == 0, mant << 2, Mux(n_lb == 1, mant << 4, mant << 8))
+    P = comb(m, shifted + mant, unsigned(16), "sp")
+    return s16[15], x, P
+
+
+ROUND_STAGES = 3    # register stages inside round_shift
+
+
+def round_shift(m, adv, x, P):
+    """Stages 2-5: the top set bit of P, registered; the right shift that brings P to 8 significant bits
+    (or to the subnormal range), registered with x + shift and P; the shift and the rounding decision (round to nearest even:
+    guard & (sticky | lsb)), registered; then the rounded mantissa and the bf16 fields. Returns the 15
+    bits below the sign, combinational from the stage-3 registers (`ROUND_STAGES` after its inputs)."""
+    h = Signal(range(16), name="sh_h")        # the top set bit of P (a priority encoder: registered)
     for i in range(16):
         with m.If(P[i]):
             m.d.comb += h.eq(i)
-    sh_a = comb(m, h - 7, signed(6), "sha")
-    sh_b = comb(m, BF16_SUBNORMAL_EXP - x, signed(10), "shb")
+    h1, x1, P1 = reg(m, adv, h, name="sh1"), reg(m, adv, x, name="sx1"), reg(m, adv, P, name="sp1")
+    sh_a = comb(m, h1 - 7, signed(6), "sha")
+    sh_b = comb(m, BF16_SUBNORMAL_EXP - x1, signed(10), "shb")
     sh = comb(m, Mux(sh_a > sh_b, sh_a, sh_b), signed(10), "shs")
-    shu = comb(m, Mux(sh < 0, 0, sh), unsigned(4), "shu")
-    r = comb(m, P >> shu, unsigned(16), "sr")
-    rem_mask = comb(m, (Const(1, 17) << shu) - 1, unsigned(17), "srm")
-    rem = comb(m, P & rem_mask, unsigned(16), "srem")
+    shu = reg(m, adv, Mux(sh < 0, 0, sh), unsigned(4), name="shu")
+    xp = reg(m, adv, x1 + sh, signed(11), name="sxp")
+    P2 = reg(m, adv, P1, name="sp2")
+    # stage 3: the shift and the round-to-nearest-even decision (guard bit, sticky bits, lsb)
+    r = comb(m, P2 >> shu, unsigned(16), "sr")
     shm1 = comb(m, shu - 1, unsigned(4), "shm1")
-    half = comb(m, Mux(shu == 0, 0, Const(1, 17) << shm1), unsigned(17), "shalf")
-    up = comb(m, (rem > half) | ((rem == half) & (shu != 0) & r[0]), unsigned(1), "sup")
-    R = comb(m, r + up, unsigned(10), "sR")
-    xp = comb(m, x + sh, signed(11), "sxp")
-    out = Signal(16, name="s_out")
-    with m.If(P == 0):
-        m.d.comb += out.eq(Cat(Const(0, 15), sign))
+    guard = comb(m, (P2 >> shm1)[0], unsigned(1), "sg")
+    sticky = comb(m, (P2 & ((Const(1, 17) << shm1) - 1)) != 0, unsigned(1), "sst")
+    r3 = reg(m, adv, r[0:10], unsigned(10), name="sr3")
+    up3 = reg(m, adv, (shu != 0) & guard & (sticky | r[0]), unsigned(1), name="sup3")
+    xp3 = reg(m, adv, xp, name="sxp3")
+    zero3 = reg(m, adv, P2 == 0, unsigned(1), name="sz3")
+    # stage 4: the rounded mantissa and the bf16 fields
+    R = comb(m, r3 + up3, unsigned(10), "sR")
+    mag = Signal(15, name="s_mag")
+    with m.If(zero3):
+        m.d.comb += mag.eq(0)
     with m.Elif(R >= 256):
-        m.d.comb += out.eq(Cat(Const(0, 7), (xp + 135)[0:8], sign))
+        m.d.comb += mag.eq(Cat(Const(0, 7), (xp3 + 135)[0:8]))
     with m.Elif(R >= 128):
-        m.d.comb += out.eq(Cat(R[0:7], (xp + BF16_EXP_BIAS)[0:8], sign))
+        m.d.comb += mag.eq(Cat(R[0:7], (xp3 + BF16_EXP_BIAS)[0:8]))
     with m.Else():
-        m.d.comb += out.eq(Cat(R[0:7], Const(0, 8), sign))
-    return out
+        m.d.comb += mag.eq(Cat(R[0:7], Const(0, 8)))
+    return mag
 
 
 class ShrinkUnit(wiring.Component):
@@ -82,29 +102,42 @@ class ShrinkUnit(wiring.Component):
         adv = Signal()
         m.d.comb += [adv.eq(~self.o.valid | self.o.ready), self.i.ready.eq(adv)]
         p = self.i.payload
+        # stage 1: the code lanes at every target width (then the one chosen), the scales' products
         halves = []
-        metas = []
-        for lb, n in ((0, 2), (1, 4), (2, 8)):
+        for n in (2, 4, 8):
             lanes = [shrink_code(m, p.data[i * 2 * n:(i + 1) * 2 * n], n) for i in range(W // (2 * n))]
             halves.append(comb(m, Cat(*lanes), unsigned(W // 2), f"half{n}"))
-            ents = []
-            for k in range(W // 32):
-                ent = p.data[k * 32:(k + 1) * 32]
-                ents.append(Cat(shrink_scale_bits(m, ent[0:16], n), ent[16:32]))
-            metas.append(comb(m, Cat(*ents), unsigned(W), f"meta{n}"))
         new_half = comb(m, Mux(p.n_lb == 0, halves[0], Mux(p.n_lb == 1, halves[1], halves[2])), unsigned(W // 2), "nh")
-        new_meta = comb(m, Mux(p.n_lb == 0, metas[0], Mux(p.n_lb == 1, metas[1], metas[2])), unsigned(W), "nm")
+        v1 = reg(m, adv, self.i.valid, name="sv1")
+        c1 = reg(m, adv, Cat(p.kind, p.last, new_half), name="sc1")
+        lanes1 = []
+        for k in range(W // 32):
+            ent = p.data[k * 32:(k + 1) * 32]
+            sign, x, P = scale_product(m, ent[0:16], p.n_lb)
+            lanes1.append((reg(m, adv, sign, name="ss1"), reg(m, adv, x, name="sx1"), reg(m, adv, P, name="sp1"),
+                           reg(m, adv, ent[16:32], name="sz1")))
+        # stages 2-4: the rounded scales; the rest waits beside them
+        v2 = v1
+        for _ in range(ROUND_STAGES):
+            v2 = reg(m, adv, v2, name="sv")        # with reset (delay() is reset-less)
+        c2 = delay(m, adv, c1, ROUND_STAGES, name="sc")
+        ents = []
+        for sign, x, P, zero in lanes1:
+            mag = round_shift(m, adv, x, P)
+            ents.append(Cat(mag, delay(m, adv, sign, ROUND_STAGES, name="ss"), delay(m, adv, zero, ROUND_STAGES, name="sz")))
+        new_meta = comb(m, Cat(*ents), unsigned(W), "nm")
+        valid, kind, last, new_half = v2, c2[0], c2[1], c2[2:]
         hold = Signal(W // 2)
         pend = Signal()
         with m.If(adv):
             m.d.sync += self.o.valid.eq(0)
-            with m.If(self.i.valid):
-                with m.If(p.kind):
+            with m.If(valid):
+                with m.If(kind):
                     m.d.sync += [self.o.valid.eq(1), self.o.payload.data.eq(new_meta), self.o.payload.kind.eq(1)]
                 with m.Elif(pend):
                     m.d.sync += [self.o.valid.eq(1), self.o.payload.data.eq(Cat(hold, new_half)),
                                  self.o.payload.kind.eq(0), pend.eq(0)]
-                with m.Elif(p.last):
+                with m.Elif(last):
                     m.d.sync += [self.o.valid.eq(1), self.o.payload.data.eq(Cat(new_half, Const(0, W // 2))),
                                  self.o.payload.kind.eq(0)]
                 with m.Else():

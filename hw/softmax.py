@@ -119,15 +119,16 @@ class WeightUnit(wiring.Component):
         vmeta3 = c3[0:nj * 32]
         lb3 = c3[nj * 32:nj * 32 + 2]
         bits3 = comb(m, Const(code_bits(0), 5) << lb3, unsigned(5), "bits")        # 2 << width code
-        k4 = {}
+        k4, mant4 = {}, {}
         for j in range(nj):
-            _, xs = bf16_fields(m, vmeta3[j * 32:j * 32 + 16])
-            _, xz = bf16_fields(m, vmeta3[j * 32 + 16:j * 32 + 32])
+            ms, xs = bf16_fields(m, vmeta3[j * 32:j * 32 + 16])
+            mz, xz = bf16_fields(m, vmeta3[j * 32 + 16:j * 32 + 32])
+            # the mantissas registered here, so stage 5's products start from registers (no negation before them)
+            mant4[j] = (reg(m, adv, ms, name="ms4"), reg(m, adv, mz, name="mz4"))
             k4[j] = (reg(m, adv, E + W_SHIFT_BIAS - xs - bits3, signed(14), name="kw4"),
                      reg(m, adv, E + Z_SHIFT_BIAS + Z_LMAX - xz, signed(14), name="kz4"))   # lmax folded in
 
         # stage 5: p * ms, p * mz; the shift amounts clamped (arith.shift_amount)
-        vmeta4 = c4[0:nj * 32]
         v5 = reg(m, adv, v4, name="wv5")
         c5 = reg(m, adv, c4[nj * 32 + 2:], name="wc5")
         stage5 = {}
@@ -135,8 +136,7 @@ class WeightUnit(wiring.Component):
         sa5 = {j: (shift_amount(m, adv, kw, 43, "saw"), shift_amount(m, adv, kz, 45 + Z_LMAX, "saz"))
                for j, (kw, kz) in k4.items()}
         for j in range(nj):
-            ms, _ = bf16_fields(m, vmeta4[j * 32:j * 32 + 16])
-            mz, _ = bf16_fields(m, vmeta4[j * 32 + 16:j * 32 + 32])
+            ms, mz = mant4[j]
             for gi in range(G):
                 # p (33 bits, <= 2^32) * a 9-bit mantissa: p's low 26 bits in one DSP, the top 7 in LUTs
                 pv = stage4[j, gi]

@@ -7,23 +7,30 @@ import pytest
 from pmkvq_accel.hw import card as C
 from pmkvq_accel.sim.hbm import HbmModel
 
+# an engine with one DSP per product (1 640 DSP48E2), as a big-engine example for the planner
+BIG_ENGINE = C.EngineResources(lut=65_914, ff=45_727, dsp=1_640, bram36=49.5, uram=58, source="test")
+
 
 def test_unpacked_engine_fits_one_per_slr():
     """1 640 DSP48E2 per engine: two would exceed 90 % of any SLR's DSPs, so the card holds three."""
-    p = C.plan(C.UNPACKED_ENGINE)
+    p = C.plan(BIG_ENGINE)
     assert p.engines_per_slr == {"SLR0": 1, "SLR1": 1, "SLR2": 1}
     assert p.pcs_per_engine == 10 and p.engine_pcs(2) == tuple(range(20, 30))
     assert [p.engine_slr(e) for e in range(3)] == ["SLR0", "SLR1", "SLR2"]
     assert not p.violations()
-    assert not C.fits(2, C.UNPACKED_ENGINE, "SLR2")
+    assert not C.fits(2, BIG_ENGINE, "SLR2")
 
 
-def test_todays_engine_fits_five():
-    """1 247 DSP48E2 (packed score unit): one in SLR0 (glue and crossings there), two in SLR1 and SLR2."""
+def test_todays_engine_plan():
+    """831 DSP48E2, ~92k LUT: two engines in SLR0 (a third breaks its DSP limit), two in SLR1 (a third breaks
+    its LUT limit with the crossings' slices), three in SLR2."""
     p = C.plan()
-    assert p.engines_per_slr == {"SLR0": 1, "SLR1": 2, "SLR2": 2} and p.pcs_per_engine == 6
-    assert p.slr_stages() == (0, 2, 2, 4, 4) and not p.violations()
-    assert not C.fits(2, C.TODAY_ENGINE, "SLR0") and not C.fits(3, C.TODAY_ENGINE, "SLR2")
+    assert p.engines_per_slr == {"SLR0": 2, "SLR1": 2, "SLR2": 3} and p.pcs_per_engine == 4
+    assert p.slr_stages() == (0, 0, 2, 2, 4, 4, 4) and not p.violations()
+    more0 = C.CardPlan(C.TODAY_ENGINE, {"SLR0": 3, "SLR1": 2, "SLR2": 3}, 1)
+    assert any(v.startswith("SLR0 dsp") for v in more0.violations())
+    more1 = C.CardPlan(C.TODAY_ENGINE, {"SLR0": 2, "SLR1": 3, "SLR2": 3}, 1)
+    assert [v.split(":")[0] for v in more1.violations()] == ["SLR1 lut"]
 
 
 def test_lean_engine_fills_the_card_and_respects_limits():
@@ -44,8 +51,8 @@ def test_lean_engine_fills_the_card_and_respects_limits():
 
 
 def test_forced_engine_count_over_the_limit_is_reported():
-    p = C.plan(engines=6)
-    assert p.engines == 6 and p.violations()
+    p = C.plan(engines=8)
+    assert p.engines == 8 and p.violations()
     with pytest.raises(ValueError):
         C.plan(engines=33)
     with pytest.raises(ValueError):
@@ -53,7 +60,7 @@ def test_forced_engine_count_over_the_limit_is_reported():
 
 
 def test_crossings_count_boundaries():
-    p = C.plan(C.UNPACKED_ENGINE, engines=3)
+    p = C.plan(BIG_ENGINE, engines=3)
     # engine 1 (SLR1) crosses SLR1|SLR0, engine 2 (SLR2) crosses SLR2|SLR1 and SLR1|SLR0
     assert p.crossings() == {"SLR0": 2, "SLR1": 3, "SLR2": 1}
 
