@@ -26,8 +26,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 DEFAULT_PROMPT_TOKENS = 1280  # default prompt (no --prompt): long enough that the layers shrink under the table
-DEFAULT_PROMPT = ("Explain in a few sentences how a key-value cache speeds up text generation in a transformer "
-                  "language model, and why quantizing it saves memory.")
 
 
 def at_least(low: int):
@@ -99,7 +97,7 @@ def build_prompt(tok, args) -> list:
         if len(ids) < args.prompt_tokens:
             raise ValueError(f"could not build a {args.prompt_tokens}-token prompt")
         return ids
-    text = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    text = args.prompt       # parse_args sets prompt_tokens when no --prompt is given
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       tokenize=True, return_dict=False)
