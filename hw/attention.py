@@ -464,8 +464,8 @@ class DecodeAttention(wiring.Component):
             with m.State("VCODE"):
                 # The first value word waits only while key scores are still in flight (short runs):
                 # once the score unit is empty and the last word maximum is folded in, M and the score
-                # buffer are final. E is needed four stages into the weight pipeline (softmax.E_STAGE),
-                # by when the last metadata word has been folded in (three register stages after it).
+                # buffer are final. E is needed four stages into the weight pipeline (softmax.E_STAGE), by
+                # when the last metadata word has been folded in (`e_regs` stages after it, asserted above).
                 v_go = v_go_r
                 m.d.comb += self.data.ready.eq(v_go)
                 m.d.comb += [
