@@ -303,7 +303,8 @@ def main(argv=None, path: str | None = None) -> int:
         log(f"WARNING: over the placement limit: {v}")
 
     t0 = time.monotonic()
-    log("generating the Verilog (hw/kernel.py -> Amaranth -> Yosys; ~1 min per config, cached)")
+    log(f"generating the Verilog of {cfg.engines} engine(s) (hw/kernel.py -> Amaranth -> Yosys; a few minutes "
+        "per 512-bit engine, cached until the config or the RTL sources change)")
     vfile, cached = generate_verilog(cfg, out, force=a.force)
     log(f"{vfile} {'reused (config and hw/ sources unchanged)' if cached else 'written'} "
         f"in {time.monotonic() - t0:.0f} s")
