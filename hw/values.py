@@ -70,17 +70,19 @@ class ValueMac(wiring.Component):
         if lut_slots:
             c_in, skew = self._lut_slots(m, adv, lut_slots, nz, w_in, lane)
         else:
-            c_in, skew = nz, 0
+            c_in, skew = {(gi, d): nz[gi] for gi in range(G) for d in range(hd)}, 0
         # the chains: the k-th DSP slot's operands delayed by skew + k cycles (c_in arrives skew + 1 cycles
         # after the beat); a word's sum is ready `lat` cycles after it
-        ws = {(j, gi): delay(m, adv, w_in[j, gi], skew + k, name="mws") for k, j in enumerate(dsp_slots) for gi in range(G)}
-        cs = {(j, d): delay(m, adv, lane[j, d], skew + k, name="mcs") for k, j in enumerate(dsp_slots) for d in range(hd)}
+        ws = {(j, gi): delay(m, adv, w_in[j, gi], skew + k, name="mws")
+              for k, j in enumerate(dsp_slots) for gi in range(G)}
+        cs = {(j, d): delay(m, adv, lane[j, d], skew + k, name="mcs")
+              for k, j in enumerate(dsp_slots) for d in range(hd)}
         sums = {}
         for gi in range(G):
             for d in range(hd):
                 # |W c| < 2^42 and |Z| < 2^42 per slot, nj <= 4: every partial sum fits the DSP's 48 bits
-                sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in dsp_slots],
-                                             c_in[gi, d] if lut_slots else c_in[gi], name="vc", width=48)
+                sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in dsp_slots], c_in[gi, d],
+                                             name="vc", width=48)
         lat += skew
         vv, valids = v1, [v1]
         for _ in range(lat - 1):

@@ -63,7 +63,8 @@ def _env_setup():
 
 
 # hw/ modules the RTL never imports (the Vitis flow, the card plan, the job encoders, the synthesis report):
-# editing them must not rebuild every simulator (tests/test_source_key.py checks that elaborating the kernel imports none of them)
+# editing them must not rebuild every simulator (tests/test_source_key.py checks that elaborating the kernel
+# imports none of them)
 NOT_RTL = ("bitstream.py", "card.py", "jobs.py", "synth_report.py", "vitis.py")
 
 

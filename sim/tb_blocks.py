@@ -7,7 +7,7 @@ import numpy as np
 from cocotb.triggers import with_timeout
 
 from pmkvq_accel.hw.config import DatapathConfig, lb_of
-from pmkvq_accel.hw.jobs import as_signed as signed, lane as field, lanes as lanes_int, pack_fields as pack, unpack_fields as unpack
+from pmkvq_accel.hw import jobs as J     # payload packing by layout, lanes, signed fields
 from pmkvq_accel.hw.softmax import P_BITS, W_OUT, Z_OUT
 from pmkvq_accel.model.attention import EXP2_TABLE, exp2_neg, scores
 from pmkvq_accel.model.fixedpoint import bf16_fields, shift_round
@@ -82,8 +82,8 @@ async def test_unpack(dut):
             for k in range(per):
                 lanes[wi * per + k] = int(codes[0, k]) << (16 - b)
         tag = n & ((1 << c["tag_width"]) - 1)
-        beats.append(pack(il, word=word, lb=lb_of(b), wi=wi, ntok=ntok, tag=tag))
-        expect.append((lanes_int(lanes, 16), tag))
+        beats.append(J.pack_fields(il, word=word, lb=lb_of(b), wi=wi, ntok=ntok, tag=tag))
+        expect.append((J.lanes(lanes, 16), tag))
     tb = TB(dut, sources=("i",), sinks=("o",), seed=c["seed"])
     await tb.reset()
     per = len(beats) // len(STALL_PATTERNS)
@@ -93,7 +93,7 @@ async def test_unpack(dut):
         await tb.send("i", chunk)
         got = await with_timeout(tb.recv("o", len(chunk)), 100000, "ns")
         for n, raw in enumerate(got):
-            o = unpack(ol, raw)
+            o = J.unpack_fields(ol, raw)
             e_lanes, e_tag = expect[k * per + n]
             assert o["tag"] == e_tag, f"beat {k * per + n}: tag {o['tag']} != {e_tag}"
             assert o["c16"] == e_lanes, f"beat {k * per + n}: lanes differ"
@@ -115,18 +115,18 @@ async def test_score(dut):
         rng = np.random.default_rng(c["seed"] * 100 + n_job)
         query, keys, _ = random_job(rng, G, hd, spec["tokens"], spec["kbits"], 2, spec.get("kind", "normal"))
         want = scores(query, keys)          # (G, T)
-        dut.q.value = lanes_int(query.codes.reshape(-1), 16)
-        dut.qexp.value = lanes_int(query.exp, 16)
-        beats = [pack(il, sq=1)]
+        dut.q.value = J.lanes(query.codes.reshape(-1), 16)
+        dut.qexp.value = J.lanes(query.exp, 16)
+        beats = [J.pack_fields(il, sq=1)]
         expect = []
         t_base = 0
         for blk in keys:
             meta = pack_metadata(blk.scale, blk.zero)
             for lanes, ntok, wi, first, last, toks in token_beats(cfg, blk):
-                km = lanes_int([meta[t] for t in toks] + [0] * (nj - len(toks)), 32)
+                km = J.lanes([meta[t] for t in toks] + [0] * (nj - len(toks)), 32)
                 tag = len(beats) & ((1 << c["tag_width"]) - 1)
-                beats.append(pack(il, c16=lanes_int(lanes, 16), kmeta=km, lb=lb_of(blk.bits), ntok=ntok,
-                                  first=first, last=last, tag=tag))
+                beats.append(J.pack_fields(il, c16=J.lanes(lanes, 16), kmeta=km, lb=lb_of(blk.bits), ntok=ntok,
+                                           first=first, last=last, tag=tag))
                 if last:
                     expect.append(([t_base + t for t in toks], tag))
             t_base += blk.tokens
@@ -134,11 +134,11 @@ async def test_score(dut):
         await tb.send("i", beats)
         got = await with_timeout(tb.recv("o", len(expect)), 400 * len(beats) + 10000, "ns")
         for raw, (toks, tag) in zip(got, expect):
-            o = unpack(ol, raw)
+            o = J.unpack_fields(ol, raw)
             assert o["tag"] == tag and o["ntok"] == len(toks), f"job {n_job}: beat tag/ntok mismatch"
             for j, t in enumerate(toks):
                 for g in range(G):
-                    s = signed(field(o["score"], j * G + g, 32), 32)
+                    s = J.as_signed(J.lane(o["score"], j * G + g, 32), 32)
                     assert s == want[g, t], f"job {n_job} {spec}: token {t} head {g}: {s} != {want[g, t]}"
 
 
@@ -164,7 +164,7 @@ async def test_weight(dut):
             mz, xz = bf16_fields(blk.zero)
             E_runs.append(np.max(np.maximum(xs + blk.bits, xz)))
         E = int(max(E_runs))
-        dut.m.value = lanes_int(M, 32)
+        dut.m.value = J.lanes(M, 32)
         dut.e.value = E & 0xFFF
         beats, expect = [], []
         for blk in values:
@@ -185,9 +185,9 @@ async def test_weight(dut):
                         x = rng.integers(0, 1 << rng.integers(4, 22), size=G)
                     sc[j] = np.maximum(M - x, -(1 << 31) + 1)     # scores are 32-bit, saturated
                 tag = len(beats) & ((1 << c["tag_width"]) - 1)
-                beats.append(pack(il, score=lanes_int(sc.reshape(-1), 32),
-                                  vmeta=lanes_int([meta[t] for t in toks] + [0] * (nj - len(toks)), 32),
-                                  lb=lb_of(blk.bits), ntok=len(toks), tag=tag))
+                beats.append(J.pack_fields(il, score=J.lanes(sc.reshape(-1), 32),
+                                           vmeta=J.lanes([meta[t] for t in toks] + [0] * (nj - len(toks)), 32),
+                                           lb=lb_of(blk.bits), ntok=len(toks), tag=tag))
                 exp_lanes = []
                 for j, t in enumerate(toks):
                     p = exp2_neg(M - sc[j])
@@ -199,13 +199,13 @@ async def test_weight(dut):
         await tb.send("i", beats)
         got = await with_timeout(tb.recv("o", len(expect)), 400 * len(beats) + 10000, "ns")
         for raw, (lanes, tag) in zip(got, expect):
-            o = unpack(ol, raw)
+            o = J.unpack_fields(ol, raw)
             assert o["tag"] == tag
             for j, (p, w, z) in enumerate(lanes):
                 for g in range(G):
                     k = j * G + g
-                    gp, gw, gz = field(o["p"], k, P_BITS), signed(field(o["w"], k, W_OUT), W_OUT), \
-                        signed(field(o["z"], k, Z_OUT), Z_OUT)
+                    gp, gw, gz = J.lane(o["p"], k, P_BITS), J.as_signed(J.lane(o["w"], k, W_OUT), W_OUT), \
+                        J.as_signed(J.lane(o["z"], k, Z_OUT), Z_OUT)
                     assert (gp, gw, gz) == (p[g], w[g], z[g]), \
                         f"job {n_job}: lane {j} head {g}: got p,W,Z={gp},{gw},{gz} want {p[g]},{w[g]},{z[g]}"
 
@@ -244,15 +244,15 @@ async def test_mac(dut):
             for g in range(G):
                 for j in range(nj):
                     acc[g] += w[j, g] * c16[j] - z[j, g]
-            beats.append(pack(il, c16=lanes_int(c16.reshape(-1), 16), w=lanes_int(w.reshape(-1), W_OUT),
-                              z=lanes_int(z.reshape(-1), Z_OUT), clear=int(n == 0), last=int(n == length - 1)))
+            beats.append(J.pack_fields(il, c16=J.lanes(c16.reshape(-1), 16), w=J.lanes(w.reshape(-1), W_OUT),
+                                       z=J.lanes(z.reshape(-1), Z_OUT), clear=int(n == 0), last=int(n == length - 1)))
         tb.set_stalls(*STALL_PATTERNS[n_run % len(STALL_PATTERNS)])
         await tb.send("i", beats)
         got = await with_timeout(tb.recv("o", 1), 400 * length + 10000, "ns")
-        o = unpack(ol, got[0])
+        o = J.unpack_fields(ol, got[0])
         for g in range(G):
             for d in range(hd):
-                v = signed(field(o["acc"], g * hd + d, 64), 64)
+                v = J.as_signed(J.lane(o["acc"], g * hd + d, 64), 64)
                 assert v == acc[g, d], f"run {n_run}: acc[{g}][{d}] {v} != {acc[g, d]}"
 
 
@@ -283,15 +283,15 @@ async def test_shrink(dut):
         words = _words_of(pack_codes(codes, 2 * n, W), W)
         metas = _words_of(_meta_bytes(scale, zero, W), W)
         lb = lb_of(n)
-        beats = [pack(il, data=w, kind=0, n_lb=lb, last=int(k == len(words) - 1)) for k, w in enumerate(words)]
-        beats += [pack(il, data=w, kind=1, n_lb=lb) for w in metas]
+        beats = [J.pack_fields(il, data=w, kind=0, n_lb=lb, last=int(k == len(words) - 1)) for k, w in enumerate(words)]
+        beats += [J.pack_fields(il, data=w, kind=1, n_lb=lb) for w in metas]
         want = _words_of(pack_codes(shrink_codes(codes, n), n, W), W)
         want_meta = _words_of(_meta_bytes(shrink_scale(scale, n), zero, W), W)
         tb.set_stalls(*STALL_PATTERNS[n_blk % len(STALL_PATTERNS)])
         await tb.send("i", beats)
         got = await with_timeout(tb.recv("o", len(want) + len(want_meta)), 200 * len(beats) + 10000, "ns")
         for k, raw in enumerate(got):
-            o = unpack(ol, raw)
+            o = J.unpack_fields(ol, raw)
             if k < len(want):
                 assert o["kind"] == 0 and o["data"] == want[k], f"block {n_blk}: code word {k} differs"
             else:
