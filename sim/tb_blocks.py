@@ -266,7 +266,7 @@ async def test_shrink(dut):
     from pmkvq_accel.model.fixedpoint import bf16_bits, bf16_round
     from pmkvq_accel.model.quant import shrink_codes, shrink_scale
     W = c["word_bits"]
-    unit = ShrinkUnit(W)
+    unit = ShrinkUnit(W)                                   # the layouts (the same at every lane width)
     il, ol = unit.i_layout, unit.o_layout
     tb = TB(dut, sources=("i",), sinks=("o",), seed=c["seed"])
     await tb.reset()

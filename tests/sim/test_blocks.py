@@ -68,11 +68,13 @@ def test_mac(dp, tmp_path):
     _run("mac", lambda: ValueMac(cfg), dp, tmp_path, runs=[1, 2, 17, 60])
 
 
-@pytest.mark.parametrize("word_bits", [512, 64])
-def test_shrink(word_bits, tmp_path):
+@pytest.mark.parametrize("word_bits,lane_bits", [(512, None), (512, 512), (256, None), (128, None), (64, None)])
+def test_shrink(word_bits, lane_bits, tmp_path):
+    """The engine's unit (default lanes: 4 beats per word at 512 and 256 bits, 2 at 128; the 64-bit core
+    alone) and the full-width core."""
     from pmkvq_accel.hw.shrink import ShrinkUnit
-    dp = {"word_bits": word_bits}
-    bdir = runner.build("shrink", lambda: ShrinkUnit(word_bits), dp, deps=DEPS["shrink"])
+    dp = {"word_bits": word_bits, "lane_bits": lane_bits}
+    bdir = runner.build("shrink", lambda: ShrinkUnit(word_bits, lane_bits), dp, deps=DEPS["shrink"])
     runner.run(bdir, TB, tmp_path, {"block": "shrink", "word_bits": word_bits, "seed": 9,
                                     "blocks": [(5, 64, 8), (3, 128, 4), (17, 64, 2), (1, 64, 2), (33, 128, 8)]},
                testcase="test_shrink")
@@ -90,5 +92,7 @@ def test_constructors_reject_bad_parameters():
         DatapathConfig(max_tokens=70000)
     with pytest.raises(ValueError, match="memory word width"):
         ShrinkUnit(100)
+    with pytest.raises(ValueError, match="shrink lane width 100"):
+        ShrinkUnit(512, lane_bits=100)
     with pytest.raises(TypeError, match="DatapathConfig"):
         Unpack({"word_bits": 512})
