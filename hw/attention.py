@@ -20,7 +20,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .arith import any_tree, bf16_fields, comb, kept, max_tree, reg, select_update
-from .config import DatapathConfig
+from .config import BY_CODE, DatapathConfig, by_width
 from .score import ScoreUnit
 from .softmax import E_STAGE as W_E_STAGE, LATENCY as W_LATENCY, P_BITS, Z_OUT, WeightUnit
 from .unpack import Unpack
@@ -125,8 +125,8 @@ class DecodeAttention(wiring.Component):
         first_v = Signal()
 
         lb = Signal(2)         # width of segment s on the current pass (klb in SQ/KMETA/KCODE, vlb in VCODE)
-        tpw = comb(m, Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[lb], unsigned(gl_bits), "tpw")
-        wpt_m1 = comb(m, Array(Const(cfg.wpt(b) - 1, wi_bits) for b in (2, 4, 8, 16))[lb], unsigned(wi_bits), "wptm1")
+        tpw = comb(m, Array(Const(cfg.tpw(w.bits), gl_bits) for w in BY_CODE)[lb], unsigned(gl_bits), "tpw")
+        wpt_m1 = comb(m, Array(Const(cfg.wpt(w.bits) - 1, wi_bits) for w in BY_CODE)[lb], unsigned(wi_bits), "wptm1")
         multi = comb(m, tpw == 0, unsigned(1), "multi")
         gtok_of = lambda r: Mux(r > MPW, MPW, r)   # noqa: E731
 
@@ -150,7 +150,7 @@ class DecodeAttention(wiring.Component):
 
         def gd_new_group(r, lb_new):
             """A new group of min(r, MPW) tokens at width lb_new is one word: r <= tpw (never for multi-word)."""
-            t = Array(Const(cfg.tpw(b), gl_bits) for b in (2, 4, 8, 16))[lb_new]
+            t = Array(Const(cfg.tpw(w.bits), gl_bits) for w in BY_CODE)[lb_new]
             return (t != 0) & (r <= t)
         last_grp = Signal()      # rem == gtok (= rem <= MPW), kept as a register: set with gtok
 
@@ -231,8 +231,8 @@ class DecodeAttention(wiring.Component):
         wdata, wen = [], []
         for lane in range(MPW):
             cands = []
-            for lbv, b in enumerate((2, 4, 8, 16)):
-                t = cfg.tpw(b)
+            for w in BY_CODE:
+                t = cfg.tpw(w.bits)
                 j = lane % t if t >= 1 else 0
                 cands.append(sc[j * G * 32:(j + 1) * G * 32])
             wdata.append(Array(cands)[so_tag.lb])
@@ -319,7 +319,7 @@ class DecodeAttention(wiring.Component):
         # E from the value metadata words
         e_lanes = []
         e_vlb = comb(m, cur_vlb[0:2], unsigned(2), "e_vlb")
-        e_bits = comb(m, Mux(e_vlb == 0, 2, Mux(e_vlb == 1, 4, Mux(e_vlb == 2, 8, 16))), unsigned(5), "e_bits")
+        e_bits = comb(m, by_width(e_vlb, lambda w: w.bits), unsigned(5), "e_bits")
         # lane t holds a token of this segment iff t < rem (t < MPW): the high bits of rem or a 4-bit compare
         rem_hi = any_tree(m, rem[(MPW - 1).bit_length():], name="rem_hi")
         rem_lo = rem[0:(MPW - 1).bit_length()]

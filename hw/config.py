@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from amaranth.hdl import Mux
+from amaranth.lib import enum
+
 from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS, SUPPORTED_BITS, code_bits, width_code
 
 WORD_BITS = (64, 128, 256, 512)
@@ -15,15 +18,45 @@ HEAD_DIMS = (64, 128)
 MAX_GROUPS = 8
 
 
+class WidthCode(enum.Enum, shape=2):
+    """The 2-bit code-width field of every port, register and job (the mapping is model.formats.width_code).
+    The RTL compares run-time width fields with these members and selects by them (`by_width`)."""
+    W2 = width_code(2)
+    W4 = width_code(4)
+    W8 = width_code(8)
+    W16 = width_code(16)
+
+    @property
+    def bits(self) -> int:
+        return code_bits(self.value)
+
+    @classmethod
+    def of(cls, bits: int) -> "WidthCode":
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported code width {bits!r}: supported widths are {SUPPORTED_BITS}")
+        return cls(width_code(bits))
+
+
+BY_CODE = tuple(sorted(WidthCode, key=lambda w: w.value))   # members in code order: index = code (Array lookups)
+
+
 def lb_of(bits: int) -> int:
-    """Width encoding used on every port (model.formats.width_code: 2 -> 0, 4 -> 1, 8 -> 2, 16 -> 3)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported code width {bits!r}: supported widths are {SUPPORTED_BITS}")
-    return width_code(bits)
+    """The width code of `bits` as an integer (job descriptors, bench payloads)."""
+    return WidthCode.of(bits).value
 
 
-def bits_of(lb: int) -> int:
-    return code_bits(lb)
+def by_width(code, value_of, widths=BY_CODE):
+    """value_of(w) for the run-time width code `code` (RTL): a Mux chain over `widths` in order, the last one
+    taken for any other code."""
+    out = value_of(widths[-1])
+    for w in reversed(widths[:-1]):
+        out = Mux(code == w, value_of(w), out)
+    return out
+
+
+def wide_code(code):
+    """8- or 16-bit codes (RTL): the widths whose tokens fill slot 0's 16-bit lanes."""
+    return (code == WidthCode.W8) | (code == WidthCode.W16)
 
 
 @dataclass(frozen=True)

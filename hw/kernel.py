@@ -18,13 +18,13 @@ from amaranth.back import verilog
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from pmkvq_accel.model.formats import SUPPORTED_BITS, WIDTH_CODES
+from pmkvq_accel.model.formats import SUPPORTED_BITS
 
 from . import regmap as R
 from .attention import COUNT_BITS, DecodeAttention, result_layout
 from .axi import (AxiSlice, BurstWriter, ControlRegisters, ReadArbiter, ReadChannel, axi_full_bundle,
                   axi_lite_bundle)
-from .config import DatapathConfig
+from .config import DatapathConfig, WidthCode
 from .shrink import ShrinkUnit
 
 @dataclass(frozen=True)
@@ -551,10 +551,10 @@ def debug_fields(**signals):
 
 
 def _lb(bits):
-    """Width -> its 2-bit code (model.formats.WIDTH_CODES); invalid widths are caught by validation."""
+    """Width -> its 2-bit code (`WidthCode`); invalid widths are caught by validation."""
     code = Const(0, 2)
-    for b, c in WIDTH_CODES.items():
-        code = Mux(bits == b, c, code)
+    for w in WidthCode:
+        code = Mux(bits == w.bits, w, code)
     return code
 
 

@@ -4,7 +4,7 @@ the KV cache and the rule that stripes a layer's tokens across the engines.
 
 Consumers: the RTL (hw/kernel.py: control slave, argument checks), the Vitis packaging (hw/vitis.py:
 kernel.xml), the host (host/kvcache.py, host/golden.py, host/device.py) and the kernel testbenches
-(sim/kernel_image.py, sim/tb_kernel.py). Offsets in bytes on s_axi_control; 32-bit registers; a 64-bit
+(sim/kernel_image.py, tests/kernel/tb_kernel.py). Offsets in bytes on s_axi_control; 32-bit registers; a 64-bit
 pointer is two registers, low word first; arguments spaced 8 bytes apart (as HLS does).
 
 Engines: engine e reads and writes only its own buffer, the 64-bit pointer `e{e}_base`, which the host

@@ -25,7 +25,7 @@ from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP, SCORE_B
 
 from .arith import (any_tree, bf16_fields, comb, delay, mac_chain, reg, saturate, shift_round_sat_by, shift_sat_ctl,
                     tree_sum)
-from .config import DatapathConfig
+from .config import DatapathConfig, WidthCode, by_width, wide_code
 
 CHAIN = 16   # products per multiply-add chain (DSP48 cascade length; the code skew costs one SRL16 per bit)
 LANE = 24    # bit offset of the upper lane of a packed DSP operand (the lower lane's chain sum is < 2^23)
@@ -104,7 +104,7 @@ class ScoreUnit(wiring.Component):
         ctl1 = reg(m, adv, ctl_fields, name="ctl1")
         chain = min(CHAIN, hd)
         npair = max(1, nj // 2)
-        wide = p.lb[1] | p.sq                  # 8/16-bit codes (slot 0 only) or the S_Q beat
+        wide = wide_code(p.lb) | p.sq          # 8/16-bit codes (slot 0 only) or the S_Q beat
         codes = {}
         for k in range(npair):
             for d in range(hd):
@@ -174,15 +174,15 @@ class ScoreUnit(wiring.Component):
         valids.append(va)
         ctla = reg(m, adv, Cat(kmeta, ntok, tag), name="ctla")
         dvals = {}
-        wide_a = lb[1] | sq
+        wide_a = wide_code(lb) | sq
         for gi in range(G):
             for j in range(nj):
                 if nj == 1:
                     s = sums[gi, 0, "full"]
                 elif j == 0:       # 8/16-bit codes: the whole chain; 2/4-bit: the lower lane (codes c16 >> 12)
                     s = comb(m, Mux(wide_a, sums[gi, 0, "full"], sums[gi, 0, "lo"] << 12), signed(41), "dsel")
-                elif j < npair:    # 4-bit (lb 1) or 2-bit codes as c16 >> 12 (lb 0: 4 c)
-                    dvals[gi, j] = reg(m, adv, Mux(lb[0], sums[gi, j, "lo"], sums[gi, j, "lo"] >> 2),
+                elif j < npair:    # 4-bit or 2-bit codes as c16 >> 12 (2-bit: 4 c)
+                    dvals[gi, j] = reg(m, adv, Mux(lb == WidthCode.W2, sums[gi, j, "lo"] >> 2, sums[gi, j, "lo"]),
                                        signed(NARROW_D_BITS), name="D")
                     continue
                 else:              # upper lanes: 2-bit codes only, c16 >> 14
@@ -195,7 +195,8 @@ class ScoreUnit(wiring.Component):
                 if j == 0:
                     with m.If(adv & vv & sq):
                         m.d.sync += sq_reg[gi].eq(sums[gi, 0, "full"])
-                sh = comb(m, Mux(lb == 3, s, Mux(lb == 2, s >> 8, Mux(lb == 1, s >> 12, s >> 14))), signed(40), "dsh")
+                sh = comb(m, by_width(lb, lambda w: s >> (16 - w.bits), widths=tuple(reversed(WidthCode))),
+                          signed(40), "dsh")
                 dvals[gi, j] = reg(m, adv, sh, signed(40), name="D")
         kmeta_a = ctla[0:nj * 32]
         ntok_a = ctla[nj * 32:nj * 32 + ntok_w]

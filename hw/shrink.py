@@ -21,7 +21,9 @@ from amaranth.lib.wiring import In, Out
 from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP
 
 from .arith import comb, delay, reg
-from .config import WORD_BITS
+from .config import WORD_BITS, WidthCode, by_width
+
+TARGETS = (WidthCode.W2, WidthCode.W4, WidthCode.W8)   # the widths a shrink can produce
 
 
 def shrink_code(m, q, n):
@@ -37,7 +39,7 @@ def scale_product(m, s16, n_lb):
     frac = s16[0:7]
     mant = comb(m, Mux(e == 0, frac, Cat(frac, Const(1, 1))), unsigned(8), "sm")
     x = comb(m, Mux(e == 0, BF16_SUBNORMAL_EXP, e - BF16_EXP_BIAS), signed(10), "sx")
-    shifted = Mux(n_lb == 0, mant << 2, Mux(n_lb == 1, mant << 4, mant << 8))
+    shifted = by_width(n_lb, lambda w: mant << w.bits, TARGETS)
     P = comb(m, shifted + mant, unsigned(16), "sp")
     return s16[15], x, P
 
@@ -115,11 +117,12 @@ class ShrinkCore(wiring.Component):
         m.d.comb += [adv.eq(~self.o.valid | self.o.ready), self.i.ready.eq(adv)]
         p = self.i.payload
         # stage 1: the code lanes at every target width (then the one chosen), the scales' products
-        halves = []
-        for n in (2, 4, 8):
+        halves = {}
+        for w in TARGETS:
+            n = w.bits
             lanes = [shrink_code(m, p.data[i * 2 * n:(i + 1) * 2 * n], n) for i in range(W // (2 * n))]
-            halves.append(comb(m, Cat(*lanes), unsigned(W // 2), f"half{n}"))
-        new_half = comb(m, Mux(p.n_lb == 0, halves[0], Mux(p.n_lb == 1, halves[1], halves[2])), unsigned(W // 2), "nh")
+            halves[w] = comb(m, Cat(*lanes), unsigned(W // 2), f"half{n}")
+        new_half = comb(m, by_width(p.n_lb, lambda w: halves[w], TARGETS), unsigned(W // 2), "nh")
         v1 = reg(m, adv, self.i.valid, name="sv1")
         c1 = reg(m, adv, Cat(p.kind, p.last, new_half), name="sc1")
         lanes1 = []

@@ -10,16 +10,16 @@ synchronous read port and `rom_style = "block"`, so each maps to a block RAM ins
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from pmkvq_accel.model.attention import EXP2_TABLE
-from pmkvq_accel.model.formats import W_SHIFT_BIAS, Z_SHIFT_BIAS, code_bits
+from pmkvq_accel.model.formats import W_SHIFT_BIAS, Z_SHIFT_BIAS
 
 from .arith import bf16_fields, comb, reg, shift_amount, shift_round_by, split_mul
-from .config import DatapathConfig
+from .config import DatapathConfig, by_width
 
 P_BITS = 33     # p in [0, 2^32]
 P_DSP_BITS = 26  # the bits of p in the DSP multiply of p * ms (26 + sign = the DSP's 27-bit port)
@@ -118,7 +118,7 @@ class WeightUnit(wiring.Component):
         # the W/Z shift amounts from the metadata and E (E is read from this stage on: E_STAGE)
         vmeta3 = c3[0:nj * 32]
         lb3 = c3[nj * 32:nj * 32 + 2]
-        bits3 = comb(m, Const(code_bits(0), 5) << lb3, unsigned(5), "bits")        # 2 << width code
+        bits3 = comb(m, by_width(lb3, lambda w: w.bits), unsigned(5), "bits")
         k4, mant4 = {}, {}
         for j in range(nj):
             ms, xs = bf16_fields(m, vmeta3[j * 32:j * 32 + 16])

@@ -12,9 +12,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from pmkvq_accel.model.formats import width_code
-
-from .config import DatapathConfig
+from .config import DatapathConfig, WidthCode
 
 
 def unpack_layouts(cfg: DatapathConfig, tag_width: int = 1):
@@ -43,7 +41,7 @@ def unpack_lanes(m, cfg: DatapathConfig, word, lb, wi, ntok):
         for d in range(HD):
             terms = []
             for b in cfg.slot_widths(j):
-                lb_v = width_code(b)
+                lb_v = WidthCode.of(b)
                 if W >= b * HD:
                     k = j * HD + d
                     cond = tok_ok

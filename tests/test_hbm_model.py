@@ -129,7 +129,7 @@ def test_cocotb_hbm_ram_rate(tmp_path, pc, stall_r):
     out = tmp_path / "r.json"
     model = dict(clock_mhz=HALF.clock_mhz, read_latency_ns=HALF.read_latency_ns,
                  cross_latency_ns=HALF.cross_latency_ns)
-    runner.run(bdir, "pmkvq_accel.sim.tb_hbm", tmp_path / "run",
+    runner.run(bdir, "tb_hbm", tmp_path / "run",
                dict(head_dim=HD, groups=G, n_body=256, pc=pc, stall_r=stall_r, model=model, out=str(out),
                     engines=CFG.engines),
                toplevel="pmkvq_attn", testcase="run_hbm_ram")

@@ -1,4 +1,4 @@
-"""Host-style tests of the whole kernel on Verilator (sim/tb_kernel.py): registers over AXI4-Lite, each
+"""Host-style tests of the whole kernel on Verilator (tests/kernel/tb_kernel.py): registers over AXI4-Lite, each
 engine's buffer in its own AXI RAM model, random stalls on every AXI channel, every engine's partial records
 bit-exact against the golden model over its slice. One 128-bit build with two engines, engine 1 behind
 SLR-crossing register stages (sim/kernel_build.shared_test_config, shared with tests/test_host_sim.py): the
@@ -34,19 +34,19 @@ def test_kernel_attention(name, tmp_path):
     """Several launches back to back, random stalls on every AXI channel of both ports."""
     cases, stalls = CASES[name]
     bdir = build_kernel(**BUILD)
-    runner.run(bdir, "pmkvq_accel.sim.tb_kernel", tmp_path, {**BUILD, "cases": cases, "stalls": stalls},
+    runner.run(bdir, "tb_kernel", tmp_path, {**BUILD, "cases": cases, "stalls": stalls},
                toplevel="pmkvq_attn", testcase="run_attention")
 
 
 def test_kernel_bad_arguments_end_with_a_status(tmp_path):
     bdir = build_kernel(**BUILD)
-    runner.run(bdir, "pmkvq_accel.sim.tb_kernel", tmp_path, BUILD, toplevel="pmkvq_attn",
+    runner.run(bdir, "tb_kernel", tmp_path, BUILD, toplevel="pmkvq_attn",
                testcase="run_bad_arguments")
 
 
 def test_kernel_shrink_copy_then_attention(tmp_path):
     """SHRINK on both slices in one launch, a window flush on the engine that holds the window only."""
     bdir = build_kernel(**BUILD)
-    runner.run(bdir, "pmkvq_accel.sim.tb_kernel", tmp_path,
+    runner.run(bdir, "tb_kernel", tmp_path,
                {**BUILD, "stalls": 0.2, "slices": [(1, 64, 0), (0, 64, 32)]}, toplevel="pmkvq_attn",
                testcase="run_shrink_copy_attention")

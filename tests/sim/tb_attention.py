@@ -10,9 +10,9 @@ from pmkvq_accel.hw.config import DatapathConfig
 from pmkvq_accel.hw.jobs import decode_result, expected_beats, job_descriptor, job_words
 from pmkvq_accel.model.attention import attention_partial
 
-from .jobgen import random_job
-from .runner import tb_config
-from .tb_common import TB
+from pmkvq_accel.sim.jobgen import random_job
+from pmkvq_accel.sim.runner import tb_config
+from pmkvq_accel.sim.tb_common import TB
 
 
 def _cfg():

@@ -14,9 +14,9 @@ from pmkvq_accel.model.fixedpoint import bf16_fields, shift_round
 from pmkvq_accel.model.formats import W_SHIFT_BIAS, Z_SHIFT_BIAS
 from pmkvq_accel.model.quant import pack_codes, pack_metadata
 
-from .jobgen import random_job
-from .runner import tb_config
-from .tb_common import STALL_PATTERNS, TB
+from pmkvq_accel.sim.jobgen import random_job
+from pmkvq_accel.sim.runner import tb_config
+from pmkvq_accel.sim.tb_common import STALL_PATTERNS, TB
 
 assert EXP2_TABLE.size == 257
 

@@ -10,7 +10,7 @@ from pmkvq_accel.hw.unpack import Unpack
 from pmkvq_accel.hw.values import ValueMac
 from pmkvq_accel.sim import runner
 
-TB = "pmkvq_accel.sim.tb_blocks"
+TB = "tb_blocks"   # tests/sim/tb_blocks.py (pytest puts this folder on sys.path, the runner passes it on)
 # The 512-bit score/weight/MAC blocks are also exercised inside the 512-bit datapath test; their own
 # builds are long, so they run with PMKVQ_SIM_EXTENDED=1 (marked slow).
 EXTENDED = pytest.mark.skipif(not os.environ.get("PMKVQ_SIM_EXTENDED"),

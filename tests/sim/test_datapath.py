@@ -37,4 +37,4 @@ def test_attention(name, tmp_path):
     params, jobs = CONFIGS[name]
     cfg = DatapathConfig(**params)
     bdir = runner.build("attention", lambda: DecodeAttention(cfg), params, deps=DEPS)
-    runner.run(bdir, "pmkvq_accel.sim.tb_attention", tmp_path, {"dp": params, "jobs": jobs, "seed": 3})
+    runner.run(bdir, "tb_attention", tmp_path, {"dp": params, "jobs": jobs, "seed": 3})
