@@ -315,7 +315,8 @@ def exit_status(tools: VitisTools | None, xclbin: Path | None, ok: bool = True) 
 # ---------------------------------------------------------------------------------------------------------
 # resource estimate from Yosys: the flow, the parser and the cell classification are hw/synth_report.py's
 def yosys_script(verilog_name: str, top: str = KERNEL, depth: bool = False) -> str:
-    lines = [f"read_verilog {verilog_name}", synth_commands(top, uram=False).rstrip("\n"),
+    lines = [f"read_verilog {verilog_name}", synth_commands(top).rstrip("\n"),
+             "tee -q -o stat_modules.txt stat",   # per module (synth_xilinx keeps the hierarchy until here)
              "flatten", "tee -o stat.txt stat"]   # flatten after mapping: same cells, one netlist for ltp
     if depth:
         lines.append(f"tee -o ltp.txt {LTP_COMMAND}")
