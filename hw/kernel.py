@@ -175,7 +175,9 @@ class WordSequencer(wiring.Component):
 
 class PartialRecords(wiring.Component):
     """The datapath's result beats (one per query head) as partial records (regmap.partial_dtype: int32 M,
-    int32 E, int64 L, int64 acc[head_dim], word padded), one memory word per beat of `words`."""
+    int32 E, int64 L, int64 acc[head_dim], word padded), one memory word per beat of `words`. The datapath
+    holds a result beat until it is taken, so the words are selected from it in place (one registered word,
+    no copy of the record) and the beat is taken with its last word."""
 
     def __init__(self, cfg: KernelConfig):
         self.cfg = cfg
@@ -185,17 +187,19 @@ class PartialRecords(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         pw, W = self.cfg.partial_words, self.cfg.word_bits
-        rec = Signal(pw * W)
-        rec_left = Signal(range(pw + 1))
         rp = self.result.payload
-        m.d.comb += [self.result.ready.eq(rec_left == 0), self.words.valid.eq(rec_left != 0),
-                     self.words.payload.eq(rec[:W])]
-        with m.If(self.result.valid & self.result.ready):
-            e32 = Signal(signed(32))
-            m.d.comb += e32.eq(rp.e.as_signed())
-            m.d.sync += [rec.eq(Cat(rp.m, e32, rp.l, rp.acc)), rec_left.eq(pw)]
-        with m.If(self.words.valid & self.words.ready):
-            m.d.sync += [rec.eq(rec >> W), rec_left.eq(rec_left - 1)]
+        e32 = Signal(signed(32))
+        m.d.comb += e32.eq(rp.e.as_signed())
+        fields = Cat(rp.m, e32, rp.l, rp.acc)
+        rec = Cat(fields, Const(0, pw * W - len(fields)))
+        k = Signal(range(pw))                  # the word of the held beat registered next
+        adv = ~self.words.valid | self.words.ready
+        take = self.result.valid & adv
+        m.d.comb += self.result.ready.eq(take & (k == pw - 1))
+        with m.If(adv):
+            m.d.sync += self.words.valid.eq(self.result.valid)
+        with m.If(take):
+            m.d.sync += [self.words.payload.eq(rec.word_select(k, W)), k.eq(Mux(k == pw - 1, 0, k + 1))]
         return m
 
 

