@@ -45,7 +45,7 @@ def main(argv=None):
     print(f"\n{args.word_bits}-bit port, {hbm.describe()}; one PC supplies {supply:.3f} words/cycle; "
           f"G={args.groups}, head_dim {args.head_dim}, {args.heads} KV heads per launch "
           f"(sink 1 + body + window 128 tokens each)")
-    print(f"| tokens | body bits | cycles | words | words/cycle | R idle cycles between first and last beat |")
+    print("| tokens | body bits | cycles | words | words/cycle | R idle cycles between first and last beat |")
     print("|---:|---:|---:|---:|---:|---:|")
     for t, b, r in rows:
         print(f"| {t} | {b} | {r['cycles']} | {r['r_beats']} | {r['r_beats'] / r['cycles']:.3f} | {r['r_idle']} |")

@@ -12,7 +12,6 @@ backpressure. Used by sim/bench_throughput.py and by the host runtime's simulate
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import tempfile

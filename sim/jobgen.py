@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pmkvq_accel.model.attention import Query, quantize_query
-from pmkvq_accel.model.quant import QuantizedKV, quantize
+from pmkvq_accel.model.attention import quantize_query
+from pmkvq_accel.model.quant import quantize
 
 KINDS = ("normal", "outlier", "extreme", "equal", "dominant", "zeroq", "saturate")
 
