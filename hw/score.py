@@ -25,7 +25,7 @@ from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP, SCORE_B
 
 from .arith import (any_tree, bf16_fields, comb, delay, mac_chain, reg, saturate, shift_round_sat_by, shift_sat_ctl,
                     tree_sum)
-from .config import DatapathConfig, WidthCode, by_width, wide_code
+from .config import BY_CODE, DatapathConfig, WidthCode, by_width, wide_code
 
 CHAIN = 16   # products per multiply-add chain (DSP48 cascade length; the code skew costs one SRL16 per bit)
 LANE = 24    # bit offset of the upper lane of a packed DSP operand (the lower lane's chain sum is < 2^23)
@@ -195,7 +195,7 @@ class ScoreUnit(wiring.Component):
                 if j == 0:
                     with m.If(adv & vv & sq):
                         m.d.sync += sq_reg[gi].eq(sums[gi, 0, "full"])
-                sh = comb(m, by_width(lb, lambda w: s >> (16 - w.bits), widths=tuple(reversed(WidthCode))),
+                sh = comb(m, by_width(lb, lambda w: s >> (16 - w.bits), widths=tuple(reversed(BY_CODE))),
                           signed(40), "dsh")
                 dvals[gi, j] = reg(m, adv, sh, signed(40), name="D")
         kmeta_a = ctla[0:nj * 32]

@@ -182,9 +182,14 @@ def lut_levels(netlist: Path, path: list | None = None) -> tuple[int, int]:
 # in fabric, which no vendor tool would do. The multipliers are mapped to DSP48E2 (27 x 18) first; the
 # packer then runs on them under the DSP48E1 type, whose post-adder (P = M + C / P / PCIN), register and
 # PCOUT -> PCIN cascade structure is the same, and they are typed back to DSP48E2.
+def synth_mapping(top: str = "top", uram: bool = True) -> str:
+    """The synth_xilinx command line of every estimate (the DSP packer runs inside it, `synth_commands`)."""
+    return f"synth_xilinx -family xcup -top {top} -noiopad" + (" -uram" if uram else "")
+
+
 def synth_commands(top: str = "top", uram: bool = True, dsp_pack: bool = True) -> str:
     """The yosys commands that map the design (before `stat`)."""
-    base = f"synth_xilinx -family xcup -top {top} -noiopad" + (" -uram" if uram else "")
+    base = synth_mapping(top, uram)
     if not dsp_pack:
         return base + "\n"
     return (f"{base} -run :map_dsp\n"

@@ -187,7 +187,7 @@ def test_estimate_uses_the_shared_parser(tmp_path, monkeypatch):
     from test_synth_report import FLAT
     assert not hasattr(V, "parse_stat") and not hasattr(B, "yosys_command")   # no second parser or locator
     script = V.yosys_script(B.VERILOG, depth=True)
-    assert S.synth_commands(V.KERNEL) in script and "-uram" in script + "\n" and S.LTP_COMMAND in script
+    assert S.synth_commands(V.KERNEL) in script and "-uram" in script and S.LTP_COMMAND in script
     (tmp_path / B.VERILOG).write_text("module pmkvq_attn(); endmodule\n")
     (tmp_path / "fake_stat.txt").write_text(FLAT)
     monkeypatch.setattr(S, "yosys_argv", lambda name: ["cp", str(tmp_path / "fake_stat.txt"), "stat.txt"])

@@ -26,6 +26,13 @@ def _cfg():
     return c, DatapathConfig(**c["dp"])
 
 
+async def _bench(dut, c, unit):
+    """The block's stream driver (source `i`, sink `o`) after reset, and the unit's payload layouts."""
+    tb = TB(dut, sources=("i",), sinks=("o",), seed=c["seed"])
+    await tb.reset()
+    return tb, unit.i_layout, unit.o_layout
+
+
 def token_beats(cfg: DatapathConfig, block):
     """Beats of c16 lanes for one block of tokens, as the controller feeds them:
     (c16 lanes list [nj*hd], ntok, wi, first, last, token indices)."""
@@ -106,11 +113,8 @@ async def test_score(dut):
     if c["block"] != "score":
         return
     from pmkvq_accel.hw.score import ScoreUnit
-    unit = ScoreUnit(cfg, c["tag_width"])
-    il, ol = unit.i_layout, unit.o_layout
+    tb, il, ol = await _bench(dut, c, ScoreUnit(cfg, c["tag_width"]))
     G, hd, nj = cfg.groups, cfg.head_dim, cfg.nj
-    tb = TB(dut, sources=("i",), sinks=("o",), seed=c["seed"])
-    await tb.reset()
     for n_job, spec in enumerate(c["jobs"]):
         rng = np.random.default_rng(c["seed"] * 100 + n_job)
         query, keys, _ = random_job(rng, G, hd, spec["tokens"], spec["kbits"], 2, spec.get("kind", "normal"))
@@ -149,11 +153,8 @@ async def test_weight(dut):
     if c["block"] != "weight":
         return
     from pmkvq_accel.hw.softmax import WeightUnit
-    unit = WeightUnit(cfg, c["tag_width"])
-    il, ol = unit.i_layout, unit.o_layout
+    tb, il, ol = await _bench(dut, c, WeightUnit(cfg, c["tag_width"]))
     G, hd, nj = cfg.groups, cfg.head_dim, cfg.nj
-    tb = TB(dut, sources=("i",), sinks=("o",), seed=c["seed"])
-    await tb.reset()
     for n_job, spec in enumerate(c["jobs"]):
         rng = np.random.default_rng(c["seed"] * 100 + n_job)
         _, _, values = random_job(rng, G, hd, spec["tokens"], 2, spec["vbits"], spec.get("kind", "normal"))
@@ -217,11 +218,8 @@ async def test_mac(dut):
     if c["block"] != "mac":
         return
     from pmkvq_accel.hw.values import ValueMac
-    unit = ValueMac(cfg)
-    il, ol = unit.i_layout, unit.o_layout
+    tb, il, ol = await _bench(dut, c, ValueMac(cfg))
     G, hd, nj = cfg.groups, cfg.head_dim, cfg.nj
-    tb = TB(dut, sources=("i",), sinks=("o",), seed=c["seed"])
-    await tb.reset()
     rng = np.random.default_rng(c["seed"])
     for n_run, length in enumerate(c["runs"]):
         acc = np.zeros((G, hd), dtype=object)
@@ -266,10 +264,7 @@ async def test_shrink(dut):
     from pmkvq_accel.model.fixedpoint import bf16_bits, bf16_round
     from pmkvq_accel.model.quant import shrink_codes, shrink_scale
     W = c["word_bits"]
-    unit = ShrinkUnit(W)                                   # the layouts (the same at every lane width)
-    il, ol = unit.i_layout, unit.o_layout
-    tb = TB(dut, sources=("i",), sinks=("o",), seed=c["seed"])
-    await tb.reset()
+    tb, il, ol = await _bench(dut, c, ShrinkUnit(W))     # the layouts (the same at every lane width)
     rng = np.random.default_rng(c["seed"])
     for n_blk, (tokens, hd, n) in enumerate(c["blocks"]):
         codes = rng.integers(0, 1 << (2 * n), size=(tokens, hd))
