@@ -30,10 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pmkvq_accel.calib import data as D
-from pmkvq_accel.calib import table as T
 from pmkvq_accel.calib.allocate import rtn_equivalent_bytes
 from pmkvq_accel.calib.allocate import AllocationError
-from pmkvq_accel.calib.calibrate import (BEST, WINDOW_CHOICES, CalibSettings, _dims, best_settings, make_table,
+from pmkvq_accel.calib.calibrate import (BEST, CalibSettings, _dims, best_settings, make_table,
                                          run_calibration)
 from pmkvq_accel.calib.quantsim import (FloatLayer, KIVILayer, ProgressiveLayer, RTNLayer, chunk_plan, kivi_bytes,
                                         make_cache)
@@ -238,7 +237,7 @@ def main(argv=None):
 
     def rtn(b, rotation="none"):
         layers = [RTNLayer(b, n_kv, hd, rotation=rotation) for _ in range(n_layers)]
-        tag = "" if rotation == "none" else f"-rot"
+        tag = "" if rotation == "none" else "-rot"
         m = run_chunks(model, ids, layers, ref, f"RTN-{b}{tag}")
         add(f"RTN per-token {b}-bit{'' if rotation == 'none' else ' + ' + rotation + ' rotation'}", f"RTN-{b}{tag}",
             "RTN", m, sum(x.memory_bytes(True) for x in layers), sum(x.memory_bytes(False) for x in layers))

@@ -26,7 +26,7 @@ import torch
 
 from pmkvq_accel.calib import data as D
 from pmkvq_accel.calib.allocate import rtn_equivalent_bytes
-from pmkvq_accel.calib.calibrate import BEST, CalibSettings, _dims, best_settings, make_table, run_calibration
+from pmkvq_accel.calib.calibrate import BEST, _dims, best_settings, make_table, run_calibration
 from pmkvq_accel.calib.quantsim import FloatLayer, chunk_plan, kivi_bytes, make_cache
 from pmkvq_accel.model.cache import CacheConfig
 

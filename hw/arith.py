@@ -5,7 +5,9 @@ pipeline register that loads when `adv` (the block's advance/enable) is high.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
 
 from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP
 
@@ -313,3 +315,25 @@ def mac_chain(m, adv, pairs, c_in=None, name="mc", width=None):
             acc = prod + acc
         acc = reg(m, adv, acc, signed(width), name=name + "_p")
     return acc, len(prods) + 1
+
+
+class DelayLine(wiring.Component):
+    """A stream without back-pressure delayed by `stages` register stages (valid and payload; the registers
+    reset, so the valid chain starts empty)."""
+
+    def __init__(self, layout, stages: int):
+        if stages < 0:
+            raise ValueError(f"a delay line of {stages} stages")
+        self.stages = stages
+        sig = stream.Signature(layout, always_ready=True)
+        super().__init__({"i": In(sig), "o": Out(sig)})
+
+    def elaborate(self, platform):
+        m = Module()
+        v, p = self.i.valid, self.i.payload
+        for k in range(self.stages):
+            nv, np_ = Signal(name=f"dly_v{k}"), Signal(self.i.payload.shape(), name=f"dly_p{k}")
+            m.d.sync += [nv.eq(v), np_.eq(p)]
+            v, p = nv, np_
+        m.d.comb += [self.o.valid.eq(v), self.o.payload.eq(p)]
+        return m

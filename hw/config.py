@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amaranth.hdl import Mux
+from amaranth.hdl import Cat, Const, Mux
 from amaranth.lib import enum
 
 from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS, SUPPORTED_BITS, code_bits, width_code
@@ -52,6 +52,20 @@ def by_width(code, value_of, widths=BY_CODE):
     for w in reversed(widths[:-1]):
         out = Mux(code == w, value_of(w), out)
     return out
+
+
+def code_of_bits(bits):
+    """The width code of a run-time bit count (RTL); an unsupported count gives code 0 (`is_supported_bits`
+    says which)."""
+    code = Const(0, 2)
+    for w in WidthCode:
+        code = Mux(bits == w.bits, w, code)
+    return code
+
+
+def is_supported_bits(bits):
+    """A run-time bit count is one of the supported code widths (RTL)."""
+    return Cat(*[bits == w.bits for w in WidthCode]).any()
 
 
 def wide_code(code):

@@ -15,8 +15,9 @@ import numpy as np
 from pmkvq_accel.model.attention import Partial, Query
 from pmkvq_accel.model.quant import QuantizedKV, pack_codes, pack_metadata
 
-from .attention import COUNT_BITS, job_layout, result_layout
+from .attention import result_layout
 from .config import DatapathConfig, lb_of
+from .control import COUNT_BITS, job_layout
 from .values import ACC_BITS
 
 
@@ -138,7 +139,7 @@ def as_signed(v: int, bits: int) -> int:
 
 
 def job_descriptor(cfg: DatapathConfig, query: Query, keys, values) -> int:
-    """The `job` stream payload (hw.attention.job_layout) as an integer."""
+    """The `job` stream payload (hw.control.job_layout) as an integer."""
     segs, _, _ = align_segments(keys, values)
     G, HD, NS = cfg.groups, cfg.head_dim, cfg.max_segments
     if query.codes.shape != (G, HD):

@@ -18,13 +18,12 @@ from amaranth.back import verilog
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from pmkvq_accel.model.formats import SUPPORTED_BITS
-
 from . import regmap as R
-from .attention import COUNT_BITS, DecodeAttention, result_layout
+from .attention import DecodeAttention, result_layout
 from .axi import (AxiSlice, BurstWriter, ControlRegisters, ReadArbiter, ReadChannel, axi_full_bundle,
                   axi_lite_bundle)
-from .config import DatapathConfig, WidthCode
+from .config import DatapathConfig, WidthCode, code_of_bits, is_supported_bits
+from .control import COUNT_BITS
 from .shrink import ShrinkUnit
 
 @dataclass(frozen=True)
@@ -129,7 +128,8 @@ class WordSequencer(wiring.Component):
         phase = Signal(2, init=3)    # 0 key pass, 1 value metadata, 2 value codes, 3 done
         left = Signal(24)            # words left in phase 1 / 2
         seg_klb = Signal(2)
-        m.d.comb += [seg_klb.eq(Mux(seg == 1, self.k_lb, 3)), self.phase.eq(phase), self.done.eq(phase == 3)]
+        # sink and window are 16-bit
+        m.d.comb += [seg_klb.eq(Mux(seg == 1, self.k_lb, WidthCode.W16)), self.phase.eq(phase), self.done.eq(phase == 3)]
         ntok = Signal(range(MPW + 1))
         m.d.comb += ntok.eq(Mux(rem > MPW, MPW, rem))
         group_words = _code_words(m, ntok, seg_klb, HD, W, "grp")
@@ -282,9 +282,10 @@ class Engine(Elaboratable):
         nz = [c != 0 for c in counts]
         k_lb = Signal(2)
         v_lb = Signal(2)
-        m.d.comb += [k_lb.eq(_lb(a["k_bits"])), v_lb.eq(_lb(a["v_bits"]))]
-        klbs = [Const(3, 2), k_lb, Const(3, 2)]
-        vlbs = [Const(3, 2), v_lb, Const(3, 2)]
+        m.d.comb += [k_lb.eq(code_of_bits(a["k_bits"])), v_lb.eq(code_of_bits(a["v_bits"]))]
+        w16 = Const(WidthCode.W16.value, 2)     # sink and window are 16-bit
+        klbs = [w16, k_lb, w16]
+        vlbs = [w16, v_lb, w16]
 
         def code_words(n, lb, name):
             return _code_words(m, n, lb, HD, WORD_BITS, name)
@@ -554,14 +555,6 @@ def debug_fields(**signals):
     return out
 
 
-def _lb(bits):
-    """Width -> its 2-bit code (`WidthCode`); invalid widths are caught by validation."""
-    code = Const(0, 2)
-    for w in WidthCode:
-        code = Mux(bits == w.bits, w, code)
-    return code
-
-
 def _compact(m: Module, present, items):
     """Slots 0..2 holding the present items in order (absent slots zero)."""
     width = [len(x) if hasattr(x, "__len__") else 2 for x in items[0]]
@@ -636,8 +629,8 @@ class Kernel(Elaboratable):
             (~attn & (a["kind"] > 1), R.STATUS_BAD_KIND),
             (a["head_dim"] != cfg.head_dim, R.STATUS_BAD_HEAD_DIM),
             (attn & (a["group"] != cfg.groups), R.STATUS_BAD_GROUP),
-            (Mux(attn, ~_valid_bits(a["k_bits"]) | ~_valid_bits(a["v_bits"]),
-                 ~_valid_bits(xbits) | ((op == R.OP_SHRINK) & (xbits == 2))), R.STATUS_BAD_BITS),
+            (Mux(attn, ~is_supported_bits(a["k_bits"]) | ~is_supported_bits(a["v_bits"]),
+                 ~is_supported_bits(xbits) | ((op == R.OP_SHRINK) & (xbits == 2))), R.STATUS_BAD_BITS),
             ((a["n_heads"] == 0) | ~Cat(*some).any() | Cat(*too_many).any(), R.STATUS_BAD_TOKENS),
             (misaligned, R.STATUS_BAD_ADDRESS),
         ]
@@ -665,14 +658,6 @@ class Kernel(Elaboratable):
                 m.next = "IDLE"
         m.d.comb += [ctrl.idle.eq(fsm.ongoing("IDLE")), ctrl.status.eq(status), ctrl.debug.eq(engines[0].debug)]
         return m
-
-
-def _valid_bits(bits):
-    """bits is one of the supported code widths (model.formats.SUPPORTED_BITS)."""
-    ok = Const(0, 1)
-    for b in SUPPORTED_BITS:
-        ok = ok | (bits == b)
-    return ok
 
 
 def kernel_verilog(cfg: KernelConfig = KernelConfig()) -> str:

@@ -22,8 +22,6 @@ from pmkvq_accel.hw.config import DatapathConfig
 
 from . import runner
 
-DEPS = ("arith.py", "attention.py", "config.py", "score.py", "softmax.py", "unpack.py", "values.py")
-
 _MAIN = r"""
 #include "Vtop.h"
 #include "verilated.h"
@@ -154,7 +152,7 @@ class FastSim:
                   "max_tokens": cfg.max_tokens}
         if cfg.max_segments != DatapathConfig().max_segments:
             params["max_segments"] = cfg.max_segments
-        self.bdir = runner.build("attention", lambda: DecodeAttention(cfg), params, deps=DEPS)
+        self.bdir = runner.build("attention", lambda: DecodeAttention(cfg), params)
         self.exe = self.bdir / "fastsim"
         vtext = (self.bdir / "attention.v").read_text()
         top = vtext[vtext.index("module top("):]

@@ -91,12 +91,6 @@ def rtl_source_key(params: dict, build_args=None) -> str:
     return h.hexdigest()[:16]
 
 
-def _source_hash(extra: str, deps=None) -> str:
-    """Compatibility wrapper: `rtl_source_key` with `extra` as the parameter text.
-    `deps` is ignored (a hand-kept file list goes stale: every hw/ and model/ source is hashed)."""
-    return rtl_source_key({"extra": extra})
-
-
 @contextmanager
 def _locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +106,11 @@ def design_key(name: str, params: dict) -> str:
     return name + "_" + "_".join(f"{k}{v}" for k, v in sorted(params.items()))
 
 
-def build(name: str, factory, params: dict, toplevel: str = "top", deps=None) -> Path:
+def build(name: str, factory, params: dict, toplevel: str = "top") -> Path:
     """Elaborate `factory()` to Verilog and build it with Verilator (skipped when up to date).
 
     Up to date means the stamp holds `rtl_source_key(params)` (all hw/ and model/ sources, the
-    parameters, the build arguments). `deps` is accepted for compatibility and ignored."""
+    parameters, the build arguments)."""
     _env_setup()
     key = design_key(name, params)
     bdir = BUILD_ROOT / key

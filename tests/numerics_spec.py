@@ -2,7 +2,6 @@
 from the document (not from model/): the constants below are the document's numbers, not model.formats'.
 `spec_partial(query, keys, values, cov)` returns [(M, L, acc, E)] per query head and, when `cov` is a
 collections.Counter, counts which branch of the spec every token took (tests check those counts)."""
-import numpy as np
 
 TERM_LIMIT = 62      # numerics.md 5: T1, T2 = sat_62(...)
 SCORE_LIMIT = 31     # numerics.md 5: score = sat_31(T1 - T2)

@@ -20,13 +20,8 @@ DP_WIDE = dict(word_bits=512, head_dim=64, groups=2)      # 4 token slots per wo
 DP_NARROW = dict(word_bits=64, head_dim=128, groups=1)    # every width spans several words
 
 
-DEPS = {"unpack": ("arith.py", "config.py", "unpack.py"), "score": ("arith.py", "config.py", "score.py"),
-        "weight": ("arith.py", "config.py", "softmax.py"),
-        "mac": ("arith.py", "config.py", "softmax.py", "values.py"), "shrink": ("arith.py", "config.py", "shrink.py")}
-
-
 def _run(block, factory, dp, tmp_path, **cfg):
-    bdir = runner.build(block, factory, dp, deps=DEPS[block])
+    bdir = runner.build(block, factory, dp)
     runner.run(bdir, TB, tmp_path, {"dp": dp, "block": block, "seed": 5, **cfg}, testcase=f"test_{block}")
 
 
@@ -74,7 +69,7 @@ def test_shrink(word_bits, lane_bits, tmp_path):
     alone) and the full-width core."""
     from pmkvq_accel.hw.shrink import ShrinkUnit
     dp = {"word_bits": word_bits, "lane_bits": lane_bits}
-    bdir = runner.build("shrink", lambda: ShrinkUnit(word_bits, lane_bits), dp, deps=DEPS["shrink"])
+    bdir = runner.build("shrink", lambda: ShrinkUnit(word_bits, lane_bits), dp)
     runner.run(bdir, TB, tmp_path, {"block": "shrink", "word_bits": word_bits, "seed": 9,
                                     "blocks": [(5, 64, 8), (3, 128, 4), (17, 64, 2), (1, 64, 2), (33, 128, 8)]},
                testcase="test_shrink")

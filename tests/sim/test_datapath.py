@@ -5,8 +5,6 @@ from pmkvq_accel.hw.attention import DecodeAttention
 from pmkvq_accel.hw.config import DatapathConfig
 from pmkvq_accel.sim import runner
 
-DEPS = ("arith.py", "attention.py", "config.py", "score.py", "softmax.py", "unpack.py", "values.py")
-
 CONFIGS = {
     # name: (datapath params, jobs)
     "w128_hd64_g2": (dict(word_bits=128, head_dim=64, groups=2, max_tokens=2048), [
@@ -36,5 +34,5 @@ CONFIGS = {
 def test_attention(name, tmp_path):
     params, jobs = CONFIGS[name]
     cfg = DatapathConfig(**params)
-    bdir = runner.build("attention", lambda: DecodeAttention(cfg), params, deps=DEPS)
+    bdir = runner.build("attention", lambda: DecodeAttention(cfg), params)
     runner.run(bdir, "tb_attention", tmp_path, {"dp": params, "jobs": jobs, "seed": 3})
