@@ -15,7 +15,6 @@ import numpy as np
 # the arithmetic (attention_partials: attention_partial for H heads on packed segments) and the one unpacker
 # are defined once, in model/
 from pmkvq_accel.model.attention import Query, attention_partial, attention_partials
-from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS
 from pmkvq_accel.model.quant import (QuantizedKV, pack_codes, pack_metadata, shrink, unpack_codes,
                                      unpack_metadata)
 
@@ -106,7 +105,7 @@ class GoldenKernel:
             acts = {L.OP_ATTENTION: lambda a: a("n_sink") + a("n_body") + a("n_window"),
                     L.OP_SHRINK: lambda a: a("n_body"), L.OP_COPY: lambda a: a("n_window")}[op]
             tokens = [acts(a) for a in views]
-            if arg("n_heads") < 1 or not any(tokens) or max(tokens) > MAX_PARTIAL_TOKENS:
+            if arg("n_heads") < 1 or not any(tokens) or max(tokens) > L.ENGINE_MAX_TOKENS:
                 raise KernelFault(L.STATUS_BAD_TOKENS, f"{arg('n_heads')} heads, tokens per engine {tokens}")
             for name in L.aligned_args(self.engines):
                 if arg(name) % L.WORD_BYTES:

@@ -39,7 +39,7 @@ class KernelConfig:
     word_bits: int = R.WORD_BITS
     head_dim: int = 64
     groups: int = 3
-    max_tokens: int = 65536
+    max_tokens: int = R.ENGINE_MAX_TOKENS
     fifo_depth: int = 256          # words buffered per read channel (4 bursts of 64)
     max_outstanding: int = 16      # AXI read bursts in flight per engine
     datapath: DatapathConfig = field(init=False)
@@ -62,7 +62,7 @@ class KernelConfig:
             raise ValueError(f"word_bits must be 128, 256 or 512, got {self.word_bits!r}")
         object.__setattr__(self, "datapath", DatapathConfig(
             word_bits=self.word_bits, head_dim=self.head_dim, groups=self.groups,
-            max_tokens=self.max_tokens, max_segments=3))
+            max_tokens=self.max_tokens, max_segments=R.ENGINE_SEGMENTS))
 
     @property
     def word_bytes(self) -> int:

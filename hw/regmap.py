@@ -28,6 +28,11 @@ CODE_BITS = SUPPORTED_BITS
 MAX_GROUP = 8
 MAX_ENGINES = 32                  # one engine per HBM pseudo-channel at most
 HBM_PCS = 32
+ENGINE_SEGMENTS = 3               # token segments of one engine's launch: sink, body, window
+# Tokens per engine and launch: the datapath's token buffers (one entry per WORD_BITS / 32 tokens, plus one per
+# segment) then have 4 096 entries, one URAM288 (4K x 72) deep; 65 536 tokens would take 4 099, two deep.
+BUFFER_ENTRIES = 4096
+ENGINE_MAX_TOKENS = (BUFFER_ENTRIES - ENGINE_SEGMENTS) * (WORD_BITS // 32)   # 65 488
 PC_BYTES = 256 << 20              # one U280 HBM pseudo-channel
 CONTROL_ADDR_BITS = 12            # s_axi_control decodes 12 address bits (a 0x1000 window)
 
@@ -311,6 +316,11 @@ def geometry(cfg: CacheConfig, max_len: int, engines: int, key_body_bytes: int, 
              body_tokens: int) -> CacheGeometry:
     """[sink | window | body] codes and metadata regions per head with the given body capacities."""
     hd = cfg.head_dim
+    most = min(max_len, cfg.n_sink + cfg.window + body_tokens)    # the fullest engine's tokens of a layer
+    if most > ENGINE_MAX_TOKENS:
+        raise ValueError(f"an engine would hold up to {most} tokens of a layer "
+                         f"(sink {cfg.n_sink}, window {cfg.window}, body {body_tokens}); the kernel takes at most "
+                         f"{ENGINE_MAX_TOKENS} per engine: use more engines or a shorter max_len")
     sink, window = codes_bytes(cfg.n_sink, hd, 16), codes_bytes(cfg.window, hd, 16)
 
     def kind(body):

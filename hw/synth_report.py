@@ -2,7 +2,7 @@
 counts and the logic depth between registers, for the whole datapath or one block.
 
     .venv/bin/python -m pmkvq_accel.hw.synth_report [--block top|unpack|score|weight|mac|shrink|records]
-        [--word-bits 512] [--head-dim 64] [--groups 3] [--max-tokens 65536] [--keep DIR] [--path]
+        [--word-bits 512] [--head-dim 64] [--groups 3] [--max-tokens 65488] [--keep DIR] [--path]
 
 Flow: Amaranth -> Verilog -> `synth_xilinx -family xcup -noiopad -uram` (with yosys' DSP packer run on the
 DSP48E2 cells, see `synth_commands`; `--no-dsp-pack` for the stock flow) -> `stat` (`parse_stat`: cells per
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from amaranth.back import verilog
 
+from . import regmap as R
 from .config import DatapathConfig
 
 
@@ -265,7 +266,8 @@ def main(argv=None):
     ap.add_argument("--word-bits", type=int, default=512)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--groups", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--max-tokens", type=int, default=R.ENGINE_MAX_TOKENS,
+                    help="tokens per run (the buffers; default: the kernel's, one URAM288 deep)")
     ap.add_argument("--keep", type=Path, help="keep the Verilog, script and reports in this folder")
     ap.add_argument("--path", action="store_true",
                     help="print the cells of the longest LUT path with their Verilog source lines (see --keep)")
@@ -273,10 +275,10 @@ def main(argv=None):
                     help="stock synth_xilinx: post-adders, accumulators and cascades stay in fabric (see synth_commands)")
     args = ap.parse_args(argv)
     cfg = DatapathConfig(word_bits=args.word_bits, head_dim=args.head_dim, groups=args.groups,
-                         max_tokens=args.max_tokens)
+                         max_tokens=args.max_tokens, max_segments=R.ENGINE_SEGMENTS)   # the engine's datapath
     res = synth(args.block, cfg, args.keep, args.path, dsp_pack=not args.no_dsp_pack)
     print(f"block={args.block} word_bits={cfg.word_bits} head_dim={cfg.head_dim} G={cfg.groups} "
-          f"max_tokens={cfg.max_tokens}")
+          f"max_tokens={cfg.max_tokens} entries={cfg.entries}")
     print("  ".join(f"{k}={v}" for k, v in res.items()))
     return res
 

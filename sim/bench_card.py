@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pmkvq_accel.hw import card as C
+from pmkvq_accel.hw import regmap as R
 from pmkvq_accel.hw.kernel import KernelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ class EngineBench:
     """One engine's kernel (1 engine, 512-bit, the shape's head_dim and G) on the fast harness; its data in
     `home_pc`, one of the engine's own pseudo-channels."""
 
-    def __init__(self, shape: Shape, hbm, home_pc: int, max_tokens: int = 65536, word_bits: int = 512,
+    def __init__(self, shape: Shape, hbm, home_pc: int, max_tokens: int = R.ENGINE_MAX_TOKENS, word_bits: int = 512,
                  progress=print):
         from pmkvq_accel.sim.kernel_sim import KernelSim
         self.shape, self.hbm, self.pc = shape, hbm, home_pc

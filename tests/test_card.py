@@ -5,6 +5,8 @@ import json
 import pytest
 
 from pmkvq_accel.hw import card as C
+from pmkvq_accel.hw import regmap as R
+from pmkvq_accel.hw.kernel import KernelConfig
 from pmkvq_accel.sim.hbm import HbmModel
 
 # an engine with one DSP per product (1 640 DSP48E2), as a big-engine example for the planner
@@ -123,3 +125,10 @@ def test_bench_card_mix_is_the_committed_table():
     assert w30 == [(x["key_bits"], x["value_bits"]) for x in t]
     w32 = BC.table_widths(32)
     assert len(w32) == 32 and set(w32) <= set(w30) and w32[0] == w30[0] and w32[-1] == w30[-1]
+
+
+def test_engine_buffers_are_one_uram_deep():
+    """The kernel's default token limit keeps the datapath's buffers at 4 096 entries (one URAM288 deep);
+    one token more takes a second URAM in depth (docs/hardware.md, "Memories")."""
+    assert KernelConfig().datapath.entries == R.BUFFER_ENTRIES == 4096
+    assert KernelConfig(max_tokens=R.ENGINE_MAX_TOKENS + 1).datapath.entries == R.BUFFER_ENTRIES + 1

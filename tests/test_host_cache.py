@@ -204,10 +204,15 @@ def test_bad_configurations_are_clear_errors():
     cfg = CacheConfig(3, 64, 1, 16)
     with pytest.raises(ValueError, match="engines must be 1..32"):
         GoldenDevice(engines=33)
-    # a slice that does not fit one pseudo-channel (256 MiB): 8 KV heads x 128 dims x 65536 tokens at 16 bits
+    # a slice that does not fit one pseudo-channel (256 MiB): 8 KV heads x 128 dims x 60000 tokens at 16 bits,
+    # four layers
     big = CacheConfig(8, 128, 1, 128)
     with pytest.raises(ValueError, match="more than one HBM pseudo-channel"):
-        DeviceKVCache(GoldenDevice(engines=1), [big] * 4, [1e12] * 4, [1e12] * 4, 65536, group=4)
+        DeviceKVCache(GoldenDevice(engines=1), [big] * 4, [1e12] * 4, [1e12] * 4, 60000, group=4)
+    # more tokens in one engine than its buffers hold (regmap.ENGINE_MAX_TOKENS); two engines share them
+    with pytest.raises(ValueError, match=f"at most {R.ENGINE_MAX_TOKENS} per engine"):
+        DeviceKVCache(GoldenDevice(engines=1), [cfg], [1e12], [1e12], R.ENGINE_MAX_TOKENS + 1, group=3)
+    DeviceKVCache(GoldenDevice(engines=2), [cfg], [1e12], [1e12], R.ENGINE_MAX_TOKENS + 1, group=3)
     # a pseudo-channel that does not exist
     with pytest.raises(ValueError, match="pseudo-channel 40 does not exist"):
         GoldenDevice().allocate(64, bank=40)
