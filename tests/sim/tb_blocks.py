@@ -19,6 +19,10 @@ from pmkvq_accel.sim.runner import tb_config
 from pmkvq_accel.sim.tb_common import STALL_PATTERNS, TB
 
 assert EXP2_TABLE.size == 257
+# x = M - score whose interpolation product (T[i] - T[i+1]) r ends in exactly 0x80: the rounding tie of
+# numerics.md's exp2 (`+ 128 >> 8`); random x reach one in ~256 lanes
+_DL = EXP2_TABLE[:-1].astype(np.int64) - EXP2_TABLE[1:].astype(np.int64)
+INTERP_TIES = np.array([(i << 8) | r for i in range(256) for r in range(256) if (int(_DL[i]) * r) & 0xFF == 0x80])
 
 
 def _cfg():
@@ -182,6 +186,8 @@ async def test_weight(dut):
                         x = rng.integers(1 << 21, 1 << 32, size=G)    # far below the max: p = 0
                     elif kind < 0.2:
                         x = np.zeros(G, np.int64)                     # the maximum itself: p = 2^32
+                    elif kind < 0.4:                                  # interpolation ties, n = 0..1
+                        x = rng.choice(INTERP_TIES, size=G) | (rng.integers(0, 2, size=G) << 16)
                     else:
                         x = rng.integers(0, 1 << rng.integers(4, 22), size=G)
                     sc[j] = np.maximum(M - x, -(1 << 31) + 1)     # scores are 32-bit, saturated

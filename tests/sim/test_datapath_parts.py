@@ -256,22 +256,32 @@ def test_score_max_folds_valid_lanes_and_pending_covers_the_latency():
     simulate(dut, bench)
 
 
-def e_of_word(cfg, word, bits, rem):
-    """numerics.md 7: the word's contribution to E: max over its lanes t < rem of max(xs + b, xz)."""
-    e = E_EMPTY
+def e_terms(cfg, word, bits, rem):
+    """numerics.md 7: the terms of the word's contribution to E: xs + b and xz of its lanes t < rem."""
+    out = {"scale": [], "zero": []}
     for t in range(min(cfg.mpw, rem)):
         meta = lane(word, t, 32)
         _, xs = bf16_fields(np.array([meta & 0xFFFF], np.uint16))
         _, xz = bf16_fields(np.array([meta >> 16], np.uint16))
-        e = max(e, int(xs[0]) + bits, int(xz[0]))
-    return e
+        out["scale"].append(int(xs[0]) + bits)
+        out["zero"].append(int(xz[0]))
+    return out
 
 
-def bf16_pattern(rng):
-    while True:
-        v = rng.getrandbits(16)
-        if (v & 0x7F80) != 0x7F80:      # no Inf/NaN (rejected before the device)
-            return v
+def e_of_word(cfg, word, bits, rem):
+    """The word's contribution to E: the largest term."""
+    return max(max(v) for v in e_terms(cfg, word, bits, rem).values())
+
+
+def e_term(cfg, word, bits, rem):
+    """Which term sets it ("zero" on a tie: a mutant that lowers xz shows there)."""
+    terms = e_terms(cfg, word, bits, rem)
+    return "zero" if max(terms["zero"]) >= max(terms["scale"]) else "scale"
+
+
+def bf16_pattern(rng, exponents=range(255)):
+    """A bf16 pattern with its exponent field drawn from `exponents` (255, Inf/NaN, never reaches the device)."""
+    return rng.getrandbits(1) << 15 | rng.choice(exponents) << 7 | rng.getrandbits(7)
 
 
 def test_value_exponent_is_the_max_over_lanes_in_the_segment():
@@ -279,19 +289,23 @@ def test_value_exponent_is_the_max_over_lanes_in_the_segment():
     dut = ValueExponent(cfg, rem_bits=COUNT_BITS)
 
     async def bench(ctx):
-        for job in range(6):
+        won = {"scale": 0, "zero": 0}
+        for job in range(12):
             await pulse(ctx, dut.clear)
             model = E_EMPTY
-            for _ in range(30):
+            # scales and zeros of random size, or zeros far larger than the scales (E from xz)
+            s_exp, z_exp = (range(255), range(255)) if job % 2 else (range(100, 110), range(105, 125))
+            for _ in range(12):
                 bits = rng.choice((2, 4, 8, 16))
                 rem = rng.choice((1, 3, cfg.mpw - 1, cfg.mpw, cfg.mpw + 1, 1000, 1 << 16))
-                word = lanes([bf16_pattern(rng) | bf16_pattern(rng) << 16 for _ in range(cfg.mpw)], 32)
+                word = lanes([bf16_pattern(rng, s_exp) | bf16_pattern(rng, z_exp) << 16 for _ in range(cfg.mpw)], 32)
                 valid = rng.random() < 0.7
                 for name, v in (("valid", valid), ("word", word), ("vlb", width_code(bits)), ("rem", rem)):
                     ctx.set(getattr(dut, name), v)
                 await ctx.tick()
-                if valid:
-                    model = max(model, e_of_word(cfg, word, bits, rem))
+                if valid and e_of_word(cfg, word, bits, rem) > model:
+                    model = e_of_word(cfg, word, bits, rem)
+                    won[e_term(cfg, word, bits, rem)] += 1
                 if rng.random() < 0.3:     # an idle gap of the unit's latency: E is final
                     ctx.set(dut.valid, 0)
                     await ctx.tick().repeat(dut.latency - 1)
@@ -299,6 +313,7 @@ def test_value_exponent_is_the_max_over_lanes_in_the_segment():
             ctx.set(dut.valid, 0)
             await ctx.tick().repeat(dut.latency - 1)
             assert ctx.get(dut.e) == model
+        assert min(won.values()) >= 10, won     # both terms set E many times
 
     simulate(dut, bench)
 
