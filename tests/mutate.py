@@ -1,4 +1,4 @@
-"""Mutation check of the golden model: do the tests notice a one-token change at a rounding, shift,
+"""Mutation check of the golden model and the RTL: do the tests notice a one-token change at a rounding, shift,
 saturation or exponent site? (docs/mutation.md)
 
     nice -n 10 .venv/bin/python tests/mutate.py                 # every mutant in tests/mutants.toml
@@ -13,7 +13,7 @@ which is removed on exit (also on Ctrl-C).
 
 The catalogue (tests/mutants.toml) is a list of [[mutant]] tables:
     id      unique name
-    file    repository path of the file to mutate (model/... today; hw/... sites use the same format)
+    file    repository path of the file to mutate (model/... or hw/...)
     find    exact source text; it must occur exactly once in the file (or give `occurrence`, 1-based)
     replace the text put in its place
     suite   a key of [suites] (default "model"): the tests run against this mutant, in order, stopping at
