@@ -25,12 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .kvcache import ContextTooLong, DeviceKVCache
+from pmkvq_accel.model.llm import SUPPORTED_MODEL_TYPES   # re-exported (__all__): the one list
 
-# The transformers model types whose attention the hook (host/hf.py) serves: `model.model.layers[i].self_attn`
-# with `layer_idx` and `scaling`, keys after RoPE through the Cache, attention functions chosen by
-# `config._attn_implementation`.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+from .kvcache import ContextTooLong, DeviceKVCache
 
 __all__ = ["Accelerator", "ContextTooLong", "RunStats", "SUPPORTED_MODEL_TYPES", "StepRecorder", "Unsupported",
            "accelerate", "check_model", "fmt_bytes", "launch_counts", "model_id_of", "run_generate",

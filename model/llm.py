@@ -12,6 +12,10 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# The transformers model types whose attention the host's hook (host/hf.py) serves: `model.model.layers[i]
+# .self_attn` with `layer_idx` and `scaling`, keys after RoPE through the Cache, attention functions chosen by
+# `config._attn_implementation`.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -76,8 +80,9 @@ def load_model(model: str | None = None, device: str | None = None):
     path = resolve_model_dir(model)
     tok = AutoTokenizer.from_pretrained(path)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if m.config.model_type not in ("llama", "qwen2"):
-        raise ValueError(f"unsupported model type {m.config.model_type!r}: Llama and Qwen2 families are supported")
+    if m.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model type {m.config.model_type!r}: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} models are supported")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return m.to(device).eval(), tok
 
