@@ -139,7 +139,10 @@ class DecodeAttention(wiring.Component):
         # t + expo.latency; the first value word is accepted in t + 1 at the earliest, enters the weight unit
         # in t + 2 (buffer read register) and reaches its stage E_STAGE's logic in t + 1 + E_STAGE
         assert expo.latency <= 1 + W_E_STAGE, "E would not be final when the weight unit reads it"
-        m.d.comb += [vbuf.we.eq(ctl.meta_valid), vbuf.waddr.eq(ctl.entry), vbuf.wdata.eq(data_in.payload),
+        # (the write address is gated so that it is not the read address' signal: yosys 0.70 maps a memory whose
+        # ports share one address as single-port LUT RAM and fails on it)
+        m.d.comb += [vbuf.we.eq(ctl.meta_valid), vbuf.waddr.eq(Mux(ctl.meta_valid, ctl.entry, 0)),
+                     vbuf.wdata.eq(data_in.payload),
                      expo.valid.eq(ctl.meta_valid), expo.word.eq(data_in.payload), expo.vlb.eq(ctl.seg_vlb),
                      expo.rem.eq(ctl.rem), expo.clear.eq(ctl.start)]
 
