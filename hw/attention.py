@@ -21,7 +21,7 @@ from amaranth.lib.wiring import In, Out
 from .arith import DelayLine
 from .buffers import MetaBuffer, ScoreBuffer
 from .config import DatapathConfig
-from .control import COUNT_BITS, JobController, job_layout, word_field_bits
+from .control import COUNT_BITS, JobController, job_layout
 from .runstats import RunSums, ScoreMax, ValueExponent
 from .score import ScoreUnit
 from .softmax import E_STAGE as W_E_STAGE, LATENCY as W_LATENCY, WeightUnit
@@ -53,7 +53,7 @@ class DecodeAttention(wiring.Component):
     def elaborate(self, platform):
         cfg = self.cfg
         W, HD, G, NJ = cfg.word_bits, cfg.head_dim, cfg.groups, cfg.nj
-        f = word_field_bits(cfg)
+        f = cfg.field_bits
         m = Module()
         data_in = self.data
 

@@ -16,9 +16,8 @@ from .config import BY_CODE, DatapathConfig
 def _ports(cfg: DatapathConfig, lane_bits: int, what: str) -> dict:
     if not isinstance(cfg, DatapathConfig):
         raise TypeError(f"{what} needs a DatapathConfig, got {cfg!r}")
-    ent = max(1, (cfg.entries - 1).bit_length())
-    gl = max(1, (cfg.mpw - 1).bit_length()) + 1
-    return {"waddr": In(ent), "raddr": In(ent), "rgl": In(gl), "lanes": Out(cfg.nj * lane_bits)}
+    f = cfg.field_bits
+    return {"waddr": In(f["entry"]), "raddr": In(f["entry"]), "rgl": In(f["gl"]), "lanes": Out(cfg.nj * lane_bits)}
 
 
 def _read_lanes(cfg, rd_data, lane_bits, rgl):
@@ -35,7 +34,7 @@ class ScoreBuffer(wiring.Component):
         self.cfg = cfg
         ports = _ports(cfg, cfg.groups * 32, "ScoreBuffer")
         super().__init__({**ports, "valid": In(1), "score": In(cfg.nj * cfg.groups * 32),
-                          "ntok": In(cfg.nj.bit_length()), "gl": In(ports["rgl"].shape), "lb": In(2)})
+                          "ntok": In(cfg.field_bits["ntok"]), "gl": In(cfg.field_bits["gl"]), "lb": In(2)})
 
     def elaborate(self, platform):
         cfg = self.cfg

@@ -127,6 +127,13 @@ class DatapathConfig:
         return self.wpt(16)
 
     @property
+    def field_bits(self) -> dict:
+        """Widths of the per-word fields the controller hands along: buffer entry, token lane `gl` (0..mpw),
+        word of a token `wi`, tokens in the word `ntok`."""
+        return {"entry": max(1, (self.entries - 1).bit_length()), "gl": max(1, (self.mpw - 1).bit_length()) + 1,
+                "wi": max(1, (self.max_wpt - 1).bit_length()), "ntok": self.nj.bit_length()}
+
+    @property
     def entries(self) -> int:
         """Buffer entries: one per group of `mpw` tokens; each segment starts a new entry."""
         return -(-self.max_tokens // self.mpw) + self.max_segments

@@ -35,18 +35,12 @@ def job_layout(cfg: DatapathConfig):
     })
 
 
-def word_field_bits(cfg: DatapathConfig) -> dict:
-    """Widths of the per-word fields: buffer entry, token lane `gl` (0..mpw), word of a token `wi`, tokens."""
-    return {"entry": max(1, (cfg.entries - 1).bit_length()), "gl": max(1, (cfg.mpw - 1).bit_length()) + 1,
-            "wi": max(1, (cfg.max_wpt - 1).bit_length()), "ntok": cfg.nj.bit_length()}
-
-
 class JobController(wiring.Component):
     def __init__(self, cfg: DatapathConfig):
         if not isinstance(cfg, DatapathConfig):
             raise TypeError(f"JobController needs a DatapathConfig, got {cfg!r}")
         self.cfg = cfg
-        f = word_field_bits(cfg)
+        f = cfg.field_bits
         G, HD, NJ = cfg.groups, cfg.head_dim, cfg.nj
         super().__init__({
             "job": In(stream.Signature(job_layout(cfg))),
@@ -70,7 +64,7 @@ class JobController(wiring.Component):
     def elaborate(self, platform):
         cfg = self.cfg
         G, NJ, MPW, NS = cfg.groups, cfg.nj, cfg.mpw, cfg.max_segments
-        f = word_field_bits(cfg)
+        f = cfg.field_bits
         gl_bits, wi_bits = f["gl"], f["wi"]
         m = Module()
 

@@ -30,7 +30,7 @@ class ScoreMax(wiring.Component):
         self.cfg = cfg
         nj, G = cfg.nj, cfg.groups
         super().__init__({
-            "valid": In(1), "score": In(nj * G * 32), "ntok": In(nj.bit_length()), "clear": In(1),
+            "valid": In(1), "score": In(nj * G * 32), "ntok": In(cfg.field_bits["ntok"]), "clear": In(1),
             "m": Out(G * 32), "pending": Out(1),
         })
 
@@ -118,7 +118,7 @@ class RunSums(wiring.Component):
         self.cfg = cfg
         nj, G = cfg.nj, cfg.groups
         super().__init__({
-            "valid": In(1), "first": In(1), "ntok": In(nj.bit_length()),
+            "valid": In(1), "first": In(1), "ntok": In(cfg.field_bits["ntok"]),
             "p": In(nj * G * P_BITS), "z_in": In(nj * G * Z_OUT), "clear": In(1),
             "z": Out(nj * G * Z_OUT), "l": Out(G * 64),
         })
