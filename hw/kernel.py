@@ -128,8 +128,8 @@ class WordSequencer(wiring.Component):
         phase = Signal(2, init=3)    # 0 key pass, 1 value metadata, 2 value codes, 3 done
         left = Signal(24)            # words left in phase 1 / 2
         seg_klb = Signal(2)
-        # sink and window are 16-bit
-        m.d.comb += [seg_klb.eq(Mux(seg == 1, self.k_lb, WidthCode.W16)), self.phase.eq(phase), self.done.eq(phase == 3)]
+        m.d.comb += [seg_klb.eq(Mux(seg == 1, self.k_lb, WidthCode.W16)),     # sink and window are 16-bit
+                     self.phase.eq(phase), self.done.eq(phase == 3)]
         ntok = Signal(range(MPW + 1))
         m.d.comb += ntok.eq(Mux(rem > MPW, MPW, rem))
         group_words = _code_words(m, ntok, seg_klb, HD, W, "grp")
