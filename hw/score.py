@@ -43,13 +43,13 @@ class ScoreUnit(wiring.Component):
             "c16": unsigned(nj * hd * 16),
             "kmeta": unsigned(nj * 32),
             "lb": unsigned(2),
-            "ntok": unsigned(nj.bit_length()),
+            "ntok": unsigned(cfg.field_bits["ntok"]),
             "first": 1, "last": 1, "sq": 1,
             "tag": unsigned(tag_width),
         })
         self.o_layout = data.StructLayout({
             "score": unsigned(nj * g * 32),
-            "ntok": unsigned(nj.bit_length()),
+            "ntok": unsigned(cfg.field_bits["ntok"]),
             "tag": unsigned(tag_width),
         })
         super().__init__({
@@ -162,7 +162,7 @@ class ScoreUnit(wiring.Component):
         kmeta = cc[0:nj * 32]
         lb = cc[nj * 32:nj * 32 + 2]
         rest = cc[nj * 32 + 2:]
-        ntok_w = nj.bit_length()
+        ntok_w = cfg.field_bits["ntok"]
         ntok = rest[0:ntok_w]
         first, last, sq = rest[ntok_w], rest[ntok_w + 1], rest[ntok_w + 2]
         tag = rest[ntok_w + 3:]

@@ -45,14 +45,14 @@ class WeightUnit(wiring.Component):
             "score": unsigned(nj * G * 32),   # lane (j, g) at (j*G + g)*32, signed
             "vmeta": unsigned(nj * 32),       # value scale | zero << 16 per token lane
             "lb": unsigned(2),
-            "ntok": unsigned(nj.bit_length()),
+            "ntok": unsigned(cfg.field_bits["ntok"]),
             "tag": unsigned(tag_width),
         })
         self.o_layout = data.StructLayout({
             "p": unsigned(nj * G * P_BITS),
             "w": unsigned(nj * G * W_OUT),
             "z": unsigned(nj * G * Z_OUT),
-            "ntok": unsigned(nj.bit_length()),
+            "ntok": unsigned(cfg.field_bits["ntok"]),
             "tag": unsigned(tag_width),
         })
         super().__init__({
@@ -156,7 +156,7 @@ class WeightUnit(wiring.Component):
                 ws.append(shift_round_by(m, pm, kw, 0, W_OUT, "w")[0:W_OUT])
                 zs.append(shift_round_by(m, pz, kz, Z_LMAX, Z_OUT, "z")[0:Z_OUT])
                 ps.append(p5[j, gi])
-        ntok_w = nj.bit_length()
+        ntok_w = cfg.field_bits["ntok"]
         with m.If(adv):
             m.d.sync += [
                 self.o.valid.eq(v5),

@@ -16,12 +16,12 @@ from .config import DatapathConfig, WidthCode
 
 
 def unpack_layouts(cfg: DatapathConfig, tag_width: int = 1):
-    wi_bits = max(1, (cfg.max_wpt - 1).bit_length())
+    f = cfg.field_bits
     i_layout = data.StructLayout({
         "word": unsigned(cfg.word_bits),
         "lb": unsigned(2),
-        "wi": unsigned(wi_bits),
-        "ntok": unsigned((cfg.nj).bit_length()),
+        "wi": unsigned(f["wi"]),
+        "ntok": unsigned(f["ntok"]),
         "tag": unsigned(tag_width),
     })
     o_layout = data.StructLayout({
