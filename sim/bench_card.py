@@ -170,7 +170,13 @@ class EngineBench:
         if status != R.STATUS_OK or after["faults"] != before["faults"]:
             raise RuntimeError(f"launch {key}: status {status}, faults {after['faults'] - before['faults']}")
         port = self.sim.port_stats(0)
-        out = {"cycles": after["kernel_cycles"] - before["kernel_cycles"], **port}
+        cycles = after["kernel_cycles"] - before["kernel_cycles"]
+        # lead: ap_start written -> first read beat (the read latency); tail: last read beat -> ap_done seen
+        # (the datapath's drain, the last head's partial records, the write response). +-2 cycles: the
+        # AXI4-Lite write and read that bound the kernel cycles.
+        lead = port["r_first"] - before["cycles"] if port["r_beats"] else cycles
+        span = port["r_last"] - port["r_first"] + 1 if port["r_beats"] else 0
+        out = {"cycles": cycles, **port, "r_lead": lead, "r_tail": cycles - lead - span}
         self.cache[key] = out
         return out
 

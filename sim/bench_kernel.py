@@ -4,8 +4,10 @@ sim/kernel_sim.py) under the HBM model of sim/hbm.py.
 Run: python sim/bench_kernel.py [--word-bits 512] [--tokens 1024 4096] [--clock-mhz 225] [--latency N]
 One engine, one ATTENTION launch of `--heads` KV heads (one SmolLM2 layer: 3), each a 1-token sink, a
 128-token 16-bit window and the body at each width; all data in the engine's own pseudo-channel. Prints, per
-case: kernel cycles (ap_start written -> ap_done seen), 512-bit words read, words per cycle, the R channel's
-idle cycles between its first and last beat, and what one PC can supply (words/cycle) under the model.
+case: kernel cycles (ap_start written -> ap_done seen), 512-bit words read, words per cycle and its share of
+what one PC can supply under the model, the R channel's idle cycles between its first and last beat, the lead
+(start -> first read beat) and tail (last read beat -> done), the words written (partial records: they share
+the PC's bandwidth) and reads plus writes as a share of the supply.
 `--latency N`: the former memory instead (fixed N-cycle latency, no bandwidth limit).
 Builds the kernel with Verilator first (minutes at 512 bits, cached in sim_build/).
 """
@@ -45,11 +47,14 @@ def main(argv=None):
     print(f"\n{args.word_bits}-bit port, {hbm.describe()}; one PC supplies {supply:.3f} words/cycle; "
           f"G={args.groups}, head_dim {args.head_dim}, {args.heads} KV heads per launch "
           f"(sink 1 + body + window 128 tokens each)")
-    print("| tokens | body bits | cycles | words | words/cycle | R idle cycles between first and last beat |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| tokens | body bits | cycles | words read | words/cycle | of supply | R idle between first and last beat "
+          "| lead (start -> first beat) | tail (last beat -> done) | words written | read + written of supply |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t, b, r in rows:
-        print(f"| {t} | {b} | {r['cycles']} | {r['r_beats']} | {r['r_beats'] / r['cycles']:.3f} | {r['r_idle']} |")
-
+        rate = r["r_beats"] / r["cycles"]
+        both = (r["r_beats"] + r["w_beats"]) / r["cycles"]
+        print(f"| {t} | {b} | {r['cycles']} | {r['r_beats']} | {rate:.3f} | {rate / supply:.3f} | {r['r_idle']} "
+              f"| {r['r_lead']} | {r['r_tail']} | {r['w_beats']} | {both / supply:.3f} |")
 
 if __name__ == "__main__":
     main()
