@@ -60,11 +60,14 @@ class CalibSettings:
     seed: int = 0
     calib_text: str | None = None
     rotation: str = "none"        # KV rotation (host/rotation.py) the search and the sensitivities quantise through
+    sensitivity: str = "abs"      # SENSITIVITY_METRICS: how a layer's quantisation error is scored (`sensitivity`)
 
     def key(self, model_hash: str) -> str:
         d = asdict(self)
         if d["rotation"] == "none":
             del d["rotation"]     # keeps the artifact keys of runs made before the rotation existed
+        if d["sensitivity"] == "abs":
+            del d["sensitivity"]  # likewise for the metric
         d["widths"] = sorted(self.widths)
         d["model"] = model_hash
         d["v"] = 3   # bump when the default text or the artifact computation changes
@@ -189,9 +192,19 @@ def search_alpha(max_k, qkv, settings: CalibSettings, n_heads: int, grid=ALPHA_G
     return alphas, mses
 
 
-def sensitivity(model, samples, pos, widths, desc="sensitivity", rotation="none"):
-    """S_K,l(b), S_V,l(b): mean over samples of mean |(Q_b(X) - X) * dL/dX| (one backward pass per sample).
-    With a rotation, Q_b(X) = R^T Q_b(R X): the error the rotated cache makes, seen in the model's frame."""
+# How `sensitivity` scores the error E = (Q_b(X) - X) * dL/dX of a layer's K or V (elementwise):
+#   abs:    mean |E|   (PM-KVQ's first-order score)
+#   fisher: mean E^2   (the diagonal-Fisher second-order estimate of the loss change, additive over layers as
+#           the allocation's objective is), scaled by one constant for all layers so the MILP sees O(1) values
+SENSITIVITY_METRICS = ("abs", "fisher")
+
+
+def sensitivity(model, samples, pos, widths, desc="sensitivity", rotation="none", metric="abs"):
+    """S_K,l(b), S_V,l(b): mean over samples of the `metric` of (Q_b(X) - X) * dL/dX (one backward pass per
+    sample). With a rotation, Q_b(X) = R^T Q_b(R X): the error the rotated cache makes, seen in the model's frame."""
+    if metric not in SENSITIVITY_METRICS:
+        raise ValueError(f"unknown sensitivity metric {metric!r}: one of {SENSITIVITY_METRICS}")
+    score = (lambda e: float(e.abs().mean())) if metric == "abs" else (lambda e: float(e.pow(2).mean()))
     n_layers = _dims(model)[0]
     sk = np.zeros((n_layers, len(widths)))
     sv = np.zeros((n_layers, len(widths)))
@@ -214,14 +227,18 @@ def sensitivity(model, samples, pos, widths, desc="sensitivity", rotation="none"
                 for j, b in enumerate(widths):
                     kq = fake_quant(k, b, via16=True, rotation=rotation)
                     vq = fake_quant(v, b, via16=True, rotation=rotation)
-                    sk[l, j] += float(((kq - k.detach()) * k.grad).abs().mean())
-                    sv[l, j] += float(((vq - v.detach()) * v.grad).abs().mean())
+                    sk[l, j] += score((kq - k.detach()) * k.grad)
+                    sv[l, j] += score((vq - v.detach()) * v.grad)
             del layers
     finally:
         hook.remove()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
-    return sk / len(samples), sv / len(samples)
+    sk, sv = sk / len(samples), sv / len(samples)
+    if metric == "fisher":          # one scale for every layer and width: the allocation only compares them
+        top = max(sk.max(), sv.max())
+        sk, sv = (sk / top, sv / top) if top > 0 else (sk, sv)
+    return sk, sv
 
 
 def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None = None, log=print) -> Artifacts:
@@ -262,7 +279,7 @@ def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None 
             T.fold_factors(model, factors)
         t2 = time.time()
         widths = [8, 4, 2]                      # every width an allocation may choose from
-        sk, sv = sensitivity(model, samples, pos, widths, rotation=settings.rotation)
+        sk, sv = sensitivity(model, samples, pos, widths, rotation=settings.rotation, metric=settings.sensitivity)
         secs["sensitivity"] = time.time() - t2
         art = Artifacts(factors=factors, alphas=alphas, alpha_mse=mses, max_abs_k=[m.float() for m in max_k],
                         sens_widths=widths, sens_k=sk, sens_v=sv, settings=asdict(settings), text_desc=desc,
@@ -350,13 +367,14 @@ def choose_window(art: Artifacts, widths, cfg: CacheConfig, max_len: int, budget
 # loses: KL 0.034 vs 0.012 at the RTN-4 memory, docs/calibration.md), and the 16-bit window sized under the budget (choose_window).
 DEFAULT_MAX_LEN = 2048      # the committed table's context (host/run.py's default run reaches its compressed regime)
 DEFAULT_BUDGET_BITS = 4.0   # the committed table's budget: the memory of per-token RTN-4 (4.5 bits/elt with metadata)
-BEST = {"rotation": "hadamard", "reparam": True, "widths": (4, 2), "separate_kv": True, "windows": WINDOW_CHOICES}
+BEST = {"rotation": "hadamard", "reparam": True, "sensitivity": "abs", "widths": (4, 2), "separate_kv": True,
+        "windows": WINDOW_CHOICES}
 
 
 def best_settings(base: dict | None = None, **over) -> CalibSettings:
     """CalibSettings of the default method over `base` (CalibSettings fields), with levers overridden."""
     kw = dict(base or {})
-    kw.update(rotation=BEST["rotation"], reparam=BEST["reparam"])
+    kw.update(rotation=BEST["rotation"], reparam=BEST["reparam"], sensitivity=BEST["sensitivity"])
     kw.update(over)
     return CalibSettings(**kw)
 

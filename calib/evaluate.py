@@ -40,7 +40,7 @@ from pmkvq_accel.model.cache import CacheConfig
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_STEPS = ("rtn4", "kivi2", "best", "pm", "pm+", "rtn8", "rtn2", "kivi4", "uniform", "noprog", "no-PI", "no-reparam",
-             "rtn4-rot", "best-norot", "best-w128", "best-noreparam", "best-w42", "best-w842")
+             "rtn4-rot", "best-norot", "best-w128", "best-noreparam", "best-w42", "best-w842", "best-fisher")
 BUDGET_NAMES = ("RTN-4", "KIVI-2", "3.3b")   # matched memories every PM-KVQ/best step runs at
 
 
@@ -290,7 +290,7 @@ def main(argv=None):
     def best_step(step, label, **over):
         """The default method (calib/calibrate.py BEST), or one lever of it switched off, at every budget."""
         restore()
-        st = best_settings(base, **{k: v for k, v in over.items() if k in ("rotation", "reparam")})
+        st = best_settings(base, **{k: v for k, v in over.items() if k in ("rotation", "reparam", "sensitivity")})
         art_b = run_calibration(model, tok, st, Path(args.cache_dir))
         windows = over.get("windows", BEST["windows"])
         for bname in budgets:
@@ -322,6 +322,8 @@ def main(argv=None):
         best_step("best-norot", "  ablation: best without rotation", rotation="none")
     if "best-w128" in only:
         best_step("best-w128", "  ablation: best with the fixed 128-token window", windows=None)
+    if "best-fisher" in only:
+        best_step("best-fisher", "  ablation: best with the diagonal-Fisher sensitivity", sensitivity="fisher")
     if "best-noreparam" in only:
         best_step("best-noreparam", "  ablation: best without key reparameterisation", reparam=False)
     if "best-w42" in only:

@@ -48,6 +48,19 @@ def test_sensitivity_pairs_each_layer_with_its_own_gradient():
     assert all(p.requires_grad for p in model.parameters())  # restored
 
 
+def test_fisher_sensitivity_is_the_mean_squared_error_product_on_one_scale():
+    model = tiny_llama(num_hidden_layers=3)
+    ids = [_forward_sample(model)]
+    ka, va = C.sensitivity(model, ids, torch.arange(48), [8, 4, 2])
+    kf, vf = C.sensitivity(model, ids, torch.arange(48), [8, 4, 2], metric="fisher")
+    assert max(kf.max(), vf.max()) == 1.0 and np.all(kf > 0) and np.all(vf > 0)   # scaled by one constant
+    assert np.all(kf[:, 2] >= kf[:, 0]) and not np.allclose(kf / kf.max(), ka / ka.max())
+    with pytest.raises(ValueError, match="unknown sensitivity metric"):
+        C.sensitivity(model, ids, torch.arange(48), [4, 2], metric="l1")
+    s = C.CalibSettings()
+    assert s.key("m") != C.CalibSettings(sensitivity="fisher").key("m")
+
+
 def test_alpha_search_returns_grid_values_and_zero_is_allowed():
     model = tiny_llama()
     s = C.CalibSettings(n_samples=1, seq_len=48, search_queries=16)
