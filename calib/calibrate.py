@@ -309,9 +309,12 @@ def _wait_for_other_run(lock: Path, log) -> None:
         time.sleep(5)
 
 
-def sens_for(art: Artifacts, widths):
+def sens_for(art: Artifacts, widths, key_weight: float = 1.0):
+    """The sensitivities at `widths`, the keys' multiplied by key_weight (BEST["key_weight"])."""
+    if not key_weight > 0:
+        raise ValueError(f"key_weight must be > 0, got {key_weight!r}")
     idx = [art.sens_widths.index(w) for w in widths]
-    return art.sens_k[:, idx], art.sens_v[:, idx]
+    return art.sens_k[:, idx] * key_weight, art.sens_v[:, idx]
 
 
 def budget_from_args(args, cfg: CacheConfig, n_layers: int) -> tuple[float, str]:
@@ -337,13 +340,13 @@ def body_fraction(cfg: CacheConfig, max_len: int) -> float:
 
 
 def choose_window(art: Artifacts, widths, cfg: CacheConfig, max_len: int, budget: float, separate_kv: bool,
-                  windows=WINDOW_CHOICES):
+                  windows=WINDOW_CHOICES, key_weight: float = 1.0):
     """The budget rule for the 16-bit window: for each candidate window size, the MILP allocation with the
     sensitivities scaled by the share of tokens that sit in the body (the window's tokens make no quantisation
     error); the window whose allocation has the lowest objective wins. Returns (cfg with that window,
     Allocation, {window: objective or None when the budget cannot hold it})."""
     from dataclasses import replace
-    sk, sv = sens_for(art, widths)
+    sk, sv = sens_for(art, widths, key_weight)
     best, tried = None, {}
     for w in windows:
         c = replace(cfg, window=int(w))
@@ -367,8 +370,8 @@ def choose_window(art: Artifacts, widths, cfg: CacheConfig, max_len: int, budget
 # loses: KL 0.034 vs 0.012 at the RTN-4 memory, docs/calibration.md), and the 16-bit window sized under the budget (choose_window).
 DEFAULT_MAX_LEN = 2048      # the committed table's context (host/run.py's default run reaches its compressed regime)
 DEFAULT_BUDGET_BITS = 4.0   # the committed table's budget: the memory of per-token RTN-4 (4.5 bits/elt with metadata)
-BEST = {"rotation": "hadamard", "reparam": True, "sensitivity": "abs", "widths": (4, 2), "separate_kv": True,
-        "windows": WINDOW_CHOICES}
+BEST = {"rotation": "hadamard", "reparam": True, "sensitivity": "abs", "key_weight": 1.0, "widths": (4, 2),
+        "separate_kv": True, "windows": WINDOW_CHOICES}
 
 
 def best_settings(base: dict | None = None, **over) -> CalibSettings:
@@ -380,18 +383,19 @@ def best_settings(base: dict | None = None, **over) -> CalibSettings:
 
 
 def make_table(model, art: Artifacts, *, model_id, cfg: CacheConfig, max_len: int, budget: float, budget_src: str,
-               widths, separate_kv: bool, factors_rel: str | None, method: str = "milp", windows=None):
+               widths, separate_kv: bool, factors_rel: str | None, method: str = "milp", windows=None,
+               key_weight: float = 1.0):
     """windows: None keeps cfg.window; a list of candidate sizes lets choose_window pick one (the same for all
-    layers) under the budget."""
+    layers) under the budget. key_weight scales the key sensitivities the MILP sees (sens_for)."""
     n_layers = _dims(model)[0]
     window_choice = None
     if method == "milp" and windows:
-        cfg, alloc, tried = choose_window(art, widths, cfg, max_len, budget, separate_kv, windows)
+        cfg, alloc, tried = choose_window(art, widths, cfg, max_len, budget, separate_kv, windows, key_weight)
         kb_, vb_, obj = alloc.key_budgets, alloc.value_budgets, alloc.objective
         window_choice = {"candidates": [int(w) for w in windows], "objective_by_window": tried,
                          "chosen": cfg.window, "rule": "lowest MILP objective, sensitivities x body share"}
     elif method == "milp":
-        sk, sv = sens_for(art, widths)
+        sk, sv = sens_for(art, widths, key_weight)
         alloc = allocate(sk, sv, widths, cfg, max_len, budget, separate_kv)
         kb_, vb_, obj = alloc.key_budgets, alloc.value_budgets, alloc.objective
     elif method == "uniform-budget":
@@ -415,6 +419,7 @@ def make_table(model, art: Artifacts, *, model_id, cfg: CacheConfig, max_len: in
         allocation={"method": method, "widths": sorted(widths, reverse=True), "separate_kv": separate_kv,
                     "budget_bytes": float(budget), "budget_bytes_per_token": float(budget) / max_len,
                     "budget_source": budget_src, "objective": obj, "solver": "scipy.optimize.milp (HiGHS)",
+                    "key_weight": float(key_weight),
                     **({"window_choice": window_choice} if window_choice else {})},
         reparam=reparam, calibration=calibration,
         sensitivity={"widths": art.sens_widths, "key": art.sens_k.tolist(), "value": art.sens_v.tolist()},

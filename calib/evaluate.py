@@ -40,7 +40,7 @@ from pmkvq_accel.model.cache import CacheConfig
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_STEPS = ("rtn4", "kivi2", "best", "pm", "pm+", "rtn8", "rtn2", "kivi4", "uniform", "noprog", "no-PI", "no-reparam",
-             "rtn4-rot", "best-norot", "best-w128", "best-noreparam", "best-w42", "best-w842", "best-fisher")
+             "rtn4-rot", "best-norot", "best-w128", "best-noreparam", "best-w42", "best-w842", "best-fisher", "best-kw4")
 BUDGET_NAMES = ("RTN-4", "KIVI-2", "3.3b")   # matched memories every PM-KVQ/best step runs at
 
 
@@ -297,7 +297,7 @@ def main(argv=None):
             short = f"{step}@{bname}"
             t = table_or_none(f"{label} @ {bname} budget", short, "best" if step == "best" else "ablation", art_b,
                               widths=over.get("widths", BEST["widths"]), separate_kv=BEST["separate_kv"],
-                              windows=windows, **kw(bname))
+                              windows=windows, key_weight=over.get("key_weight", BEST["key_weight"]), **kw(bname))
             if t is not None:
                 w = t["cache"]["window"]
                 run_pm(f"{label} @ {bname} budget", short, "best" if step == "best" else "ablation", t,
@@ -324,6 +324,8 @@ def main(argv=None):
         best_step("best-w128", "  ablation: best with the fixed 128-token window", windows=None)
     if "best-fisher" in only:
         best_step("best-fisher", "  ablation: best with the diagonal-Fisher sensitivity", sensitivity="fisher")
+    if "best-kw4" in only:
+        best_step("best-kw4", "  ablation: best with the key sensitivities x 4", key_weight=4.0)
     if "best-noreparam" in only:
         best_step("best-noreparam", "  ablation: best without key reparameterisation", reparam=False)
     if "best-w42" in only:

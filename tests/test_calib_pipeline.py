@@ -235,6 +235,25 @@ def test_window_rule_picks_the_window_that_lets_the_body_be_wider():
         C.choose_window(art, (8, 4, 2), cfg, L, n * 2 * budget_for_width(cfg, 2, L) * 0.9, True)
 
 
+def test_key_weight_moves_the_wide_layers_to_the_keys():
+    """Values twice as sensitive as keys: at a budget of half the layers at 4 bits the MILP gives 4 bits to
+    values; with the keys' sensitivities x 4 it gives them to the keys. The weight scales only the keys."""
+    cfg = CacheConfig(2, 64, 1, 16)
+    L, n = 1024, 3
+    art = _art(n, (4, 2))
+    art.sens_v = art.sens_k * 2.0
+    half = n * (budget_for_width(cfg, 4, L) + budget_for_width(cfg, 2, L))
+    wide = lambda bits: sum(b == 4 for b in bits)     # noqa: E731
+    _, a, _ = C.choose_window(art, (4, 2), cfg, L, half, True, windows=(16,))
+    assert wide(a.value_bits) >= n - 1 and wide(a.key_bits) <= 1
+    _, a, _ = C.choose_window(art, (4, 2), cfg, L, half, True, windows=(16,), key_weight=4.0)
+    assert wide(a.key_bits) >= n - 1 and wide(a.value_bits) <= 1
+    sk, sv = C.sens_for(art, (4, 2), 4.0)
+    assert np.allclose(sk, 4 * art.sens_k) and np.allclose(sv, art.sens_v)
+    with pytest.raises(ValueError, match="key_weight"):
+        C.sens_for(art, (4, 2), 0.0)
+
+
 def test_best_table_records_rotation_and_window(tmp_path):
     from pmkvq_accel.calib import table as T
     model = tiny_llama()
