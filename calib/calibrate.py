@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from pmkvq_accel.calib import data as D
 from pmkvq_accel.calib import table as T
 from pmkvq_accel.calib.allocate import AllocationError, allocate, rtn_equivalent_bytes, uniform_budgets
-from pmkvq_accel.calib.quantsim import CaptureLayer, fake_quant, make_cache
+from pmkvq_accel.calib.quantsim import CaptureLayer, FloatLayer, OneTensorLayer, fake_quant, make_cache
 from pmkvq_accel.model.cache import CacheConfig, budget_for_width
 from pmkvq_accel.model.llm import attention_modules
 
@@ -196,14 +196,17 @@ def search_alpha(max_k, qkv, settings: CalibSettings, n_heads: int, grid=ALPHA_G
 #   abs:    mean |E|   (PM-KVQ's first-order score)
 #   fisher: mean E^2   (the diagonal-Fisher second-order estimate of the loss change, additive over layers as
 #           the allocation's objective is), scaled by one constant for all layers so the MILP sees O(1) values
-SENSITIVITY_METRICS = ("abs", "fisher")
+#   kl:     not from E: the next-token KL(float || quantised) with only that tensor quantised (kl_sensitivity)
+SENSITIVITY_METRICS = ("abs", "fisher", "kl")
+KL_WIDTHS = [4, 2]          # the widths kl_sensitivity measures (one forward pass per layer, tensor and width)
 
 
 def sensitivity(model, samples, pos, widths, desc="sensitivity", rotation="none", metric="abs"):
     """S_K,l(b), S_V,l(b): mean over samples of the `metric` of (Q_b(X) - X) * dL/dX (one backward pass per
     sample). With a rotation, Q_b(X) = R^T Q_b(R X): the error the rotated cache makes, seen in the model's frame."""
-    if metric not in SENSITIVITY_METRICS:
-        raise ValueError(f"unknown sensitivity metric {metric!r}: one of {SENSITIVITY_METRICS}")
+    if metric not in SENSITIVITY_METRICS or metric == "kl":
+        raise ValueError(f"unknown sensitivity metric {metric!r}: one of {SENSITIVITY_METRICS[:2]} "
+                         "(kl: kl_sensitivity)")
     score = (lambda e: float(e.abs().mean())) if metric == "abs" else (lambda e: float(e.pow(2).mean()))
     n_layers = _dims(model)[0]
     sk = np.zeros((n_layers, len(widths)))
@@ -239,6 +242,28 @@ def sensitivity(model, samples, pos, widths, desc="sensitivity", rotation="none"
         top = max(sk.max(), sv.max())
         sk, sv = (sk / top, sv / top) if top > 0 else (sk, sv)
     return sk, sv
+
+
+def kl_sensitivity(model, samples, pos, widths=KL_WIDTHS, desc="KL sensitivity", rotation="none"):
+    """S_K,l(b), S_V,l(b): the mean next-token KL(float || quantised) over the samples' positions with only
+    layer l's keys (values) quantised at width b (through `rotation`) and everything else float. The error the
+    allocation minimises, measured end to end: it sees a layer whose error the softmax or later layers amplify,
+    which the first-order scores of `sensitivity` miss. One forward pass per sample, layer, tensor and width."""
+    n_layers = _dims(model)[0]
+    sk = np.zeros((n_layers, len(widths)))
+    sv = np.zeros((n_layers, len(widths)))
+    probes = [(l, j, kind) for l in range(n_layers) for j in range(len(widths)) for kind in "kv"]
+    with torch.no_grad(), tqdm(total=len(samples) * len(probes), desc=desc, unit="pass") as bar:
+        for ids in samples:
+            ref = torch.log_softmax(_forward(model, ids, pos, [FloatLayer() for _ in range(n_layers)])[0].float(), -1)
+            for l, j, kind in probes:
+                layers = [FloatLayer() for _ in range(n_layers)]
+                layers[l] = OneTensorLayer(kind, widths[j], rotation)
+                lp = torch.log_softmax(_forward(model, ids, pos, layers)[0].float(), -1)
+                kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+                (sk if kind == "k" else sv)[l, j] += max(kl, 0.0)
+                bar.update()
+    return sk / len(samples), sv / len(samples)
 
 
 def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None = None, log=print) -> Artifacts:
@@ -278,8 +303,13 @@ def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None 
         if factors is not None:
             T.fold_factors(model, factors)
         t2 = time.time()
-        widths = [8, 4, 2]                      # every width an allocation may choose from
-        sk, sv = sensitivity(model, samples, pos, widths, rotation=settings.rotation, metric=settings.sensitivity)
+        if settings.sensitivity == "kl":        # forward passes are costly: the first search_samples samples
+            widths = KL_WIDTHS
+            sk, sv = kl_sensitivity(model, samples[:settings.search_samples], pos, widths, rotation=settings.rotation)
+        else:
+            widths = [8, 4, 2]                  # every width an allocation may choose from
+            sk, sv = sensitivity(model, samples, pos, widths, rotation=settings.rotation,
+                                 metric=settings.sensitivity)
         secs["sensitivity"] = time.time() - t2
         art = Artifacts(factors=factors, alphas=alphas, alpha_mse=mses, max_abs_k=[m.float() for m in max_k],
                         sens_widths=widths, sens_k=sk, sens_v=sv, settings=asdict(settings), text_desc=desc,

@@ -111,6 +111,21 @@ class RTNLayer(_KVLayer):
         return 2 * self.tokens * per
 
 
+class OneTensorLayer(_KVLayer):
+    """One tensor of the layer (`kind` "k" or "v") through the progressive cache's quantizer at `bits` (16-bit
+    codes shrunk, per token and head, rotated first), the other left float: the probe of the KL sensitivity."""
+
+    def __init__(self, kind: str, bits: int, rotation: str = "none", **kwargs):
+        super().__init__(**kwargs)
+        if kind not in ("k", "v"):
+            raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
+        self.kind, self.bits, self.probe_rotation = kind, bits, check_rotation(rotation)
+
+    def _update(self, k, v):
+        q = lambda x: fake_quant(x, self.bits, via16=True, rotation=self.probe_rotation)   # noqa: E731
+        return super()._update(q(k) if self.kind == "k" else k, q(v) if self.kind == "v" else v)
+
+
 def kivi_quant_keys(k: np.ndarray, bits: int, group: int) -> np.ndarray:
     """k (heads, T, hd), T a multiple of group: per-channel quantisation over groups of `group` tokens."""
     h, t, d = k.shape

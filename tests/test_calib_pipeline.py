@@ -61,6 +61,20 @@ def test_fisher_sensitivity_is_the_mean_squared_error_product_on_one_scale():
     assert s.key("m") != C.CalibSettings(sensitivity="fisher").key("m")
 
 
+def test_kl_sensitivity_measures_each_tensor_alone_end_to_end():
+    model = tiny_llama(num_hidden_layers=3)
+    with torch.no_grad():   # layer 1's attention output is cut: its keys and values change nothing downstream
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+    ids = [_forward_sample(model)]
+    sk, sv = C.kl_sensitivity(model, ids, torch.arange(48), [4, 2])
+    assert sk.shape == (3, 2) and sv.shape == (3, 2)
+    assert np.all(sk[1] < 1e-9) and np.all(sv[1] < 1e-9)
+    assert np.all(sk[[0, 2], 1] > 0) and np.all(sv[[0, 2]] > 0)
+    assert np.all(sv[[0, 2], 1] > sv[[0, 2], 0])      # 2-bit values cost more than 4-bit ones
+    with pytest.raises(ValueError, match="kind"):
+        C.OneTensorLayer("q", 4)   # the layer class calibrate imports
+
+
 def test_alpha_search_returns_grid_values_and_zero_is_allowed():
     model = tiny_llama()
     s = C.CalibSettings(n_samples=1, seq_len=48, search_queries=16)
