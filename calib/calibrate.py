@@ -442,7 +442,7 @@ def make_table(model, art: Artifacts, *, model_id, cfg: CacheConfig, max_len: in
                    "effective_len": s["effective_len"], "positional_interpolation": s["pos_interp"],
                    "reparameterisation": s["reparam"], "search_samples": s["search_samples"],
                    "search_queries": s["search_queries"], "seed": s["seed"], "seconds": art.seconds,
-                   "rotation": s.get("rotation", "none")}
+                   "rotation": s.get("rotation", "none"), "sensitivity": s.get("sensitivity", "abs")}
     return T.build_table_dict(
         model, model_id=model_id, key_budgets=kb_, value_budgets=vb_, max_len=max_len, n_sink=cfg.n_sink,
         window=cfg.window, body_init_bits=cfg.body_init_bits, count_metadata=cfg.count_metadata,
@@ -482,8 +482,13 @@ def build_parser():
     p.add_argument("--search-bits", type=int, default=4, choices=[8, 4, 2])
     p.add_argument("--rotation", default=BEST["rotation"], choices=["none", "hadamard"],
                    help="KV rotation per head, applied on the host (default hadamard; none = the paper's method)")
+    p.add_argument("--sensitivity", default=BEST["sensitivity"], choices=SENSITIVITY_METRICS,
+                   help=f"how the allocation scores a layer's quantisation error (default {BEST['sensitivity']}; "
+                        "abs = PM-KVQ's, kl = each tensor quantised alone, end to end)")
+    p.add_argument("--key-weight", type=float, default=BEST["key_weight"],
+                   help=f"factor on the key sensitivities before the MILP (default {BEST['key_weight']:g})")
     p.add_argument("--widths", type=parse_widths, default=BEST["widths"],
-                   help="allocation widths, e.g. 4,2 (the paper) or 8,4,2 (default)")
+                   help="allocation widths, e.g. 4,2 (default) or 8,4,2")
     p.add_argument("--separate-kv", action="store_true", default=BEST["separate_kv"],
                    help="separate key and value widths per layer (default)")
     p.add_argument("--tied-kv", dest="separate_kv", action="store_false", help="one width per layer for K and V")
@@ -521,7 +526,9 @@ def main(argv=None):
                              pos_interp=not args.no_pos_interp, reparam=not args.no_reparam,
                              search_samples=args.search_samples, search_queries=args.search_queries,
                              search_bits=args.search_bits, seed=args.seed, calib_text=args.calib_text,
-                             rotation=args.rotation)
+                             rotation=args.rotation, sensitivity=args.sensitivity)
+    if not args.key_weight > 0:
+        raise SystemExit(f"error: --key-weight must be > 0, got {args.key_weight}")
     windows = None if args.window is not None else WINDOW_CHOICES
     cfg = CacheConfig(n_kv, hd, args.n_sink, args.window or min(WINDOW_CHOICES), 16, not args.codes_only)
     budget, src = budget_from_args(args, cfg, n_layers)
@@ -540,7 +547,7 @@ def main(argv=None):
     try:
         data = make_table(model, art, model_id=model_id, cfg=cfg, max_len=args.max_len, budget=budget,
                           budget_src=src, widths=args.widths, separate_kv=args.separate_kv, factors_rel=factors_rel,
-                          windows=windows)
+                          windows=windows, key_weight=args.key_weight)
     except AllocationError as e:
         raise SystemExit(f"error: {e}")
     data["created_by"] = "calib/calibrate.py " + " ".join(sys.argv[1:] if argv is None else argv)

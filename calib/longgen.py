@@ -101,7 +101,7 @@ def main(argv=None):
     for bname in names:
         t = make_table(model, art, model_id=model_id, cfg=cfg, max_len=L, budget=all_budgets[bname],
                        budget_src=f"{bname} memory", widths=BEST["widths"], separate_kv=BEST["separate_kv"],
-                       factors_rel=None, windows=BEST["windows"])
+                       factors_rel=None, windows=BEST["windows"], key_weight=BEST["key_weight"])
         layers = progressive_layers(t, n_kv, hd)
         got = greedy(model, prompt, layers, args.new_tokens, f"best@{bname}")
         row = {"budget": bname, **compare(ref, got), "bits_per_elt": 8 * sum(x.memory_bytes(True) for x in layers)
