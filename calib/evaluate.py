@@ -40,7 +40,8 @@ from pmkvq_accel.model.cache import CacheConfig
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_STEPS = ("rtn4", "kivi2", "best", "pm", "pm+", "rtn8", "rtn2", "kivi4", "uniform", "noprog", "no-PI", "no-reparam",
-             "rtn4-rot", "best-norot", "best-w128", "best-noreparam", "best-w42", "best-w842", "best-fisher", "best-kw4", "best-kl")
+             "rtn4-rot", "best-norot", "best-w128", "best-noreparam", "best-w42", "best-w842", "best-abs",
+             "best-fisher", "best-kw4")
 BUDGET_NAMES = ("RTN-4", "KIVI-2", "3.3b")   # matched memories every PM-KVQ/best step runs at
 
 
@@ -315,7 +316,7 @@ def main(argv=None):
     if "kivi2" in only:
         kivi(2)
     if "best" in only:
-        best_step("best", "best: PM-KVQ + Hadamard K/V rotation, {4,2} separate K/V, window by budget")
+        best_step("best", "best: PM-KVQ + Hadamard K/V rotation, {4,2} separate K/V, window by budget, KL sensitivity")
     if "rtn4-rot" in only:
         rtn(4, "hadamard")
     if "best-norot" in only:
@@ -324,8 +325,8 @@ def main(argv=None):
         best_step("best-w128", "  ablation: best with the fixed 128-token window", windows=None)
     if "best-fisher" in only:
         best_step("best-fisher", "  ablation: best with the diagonal-Fisher sensitivity", sensitivity="fisher")
-    if "best-kl" in only:
-        best_step("best-kl", "  ablation: best with the KL sensitivity", sensitivity="kl")
+    if "best-abs" in only:
+        best_step("best-abs", "  ablation: best with PM-KVQ's first-order sensitivity", sensitivity="abs")
     if "best-kw4" in only:
         best_step("best-kw4", "  ablation: best with the key sensitivities x 4", key_weight=4.0)
     if "best-noreparam" in only:
