@@ -56,5 +56,6 @@ def main(argv=None):
         print(f"| {t} | {b} | {r['cycles']} | {r['r_beats']} | {rate:.3f} | {rate / supply:.3f} | {r['r_idle']} "
               f"| {r['r_lead']} | {r['r_tail']} | {r['w_beats']} | {both / supply:.3f} |")
 
+
 if __name__ == "__main__":
     main()
