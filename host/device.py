@@ -63,7 +63,8 @@ class Device:
     pcs_per_engine = 1
 
     def engine_pcs(self, e: int) -> tuple[int, ...]:
-        """The HBM pseudo-channels engine e reads (its buffer goes in the first)."""
+        """The HBM pseudo-channels engine e reads (its cache buffer goes in the first, its records buffer in
+        regmap.record_pc)."""
         return L.engine_pcs(e, self.engines, self.pcs_per_engine)
 
     @property
@@ -301,15 +302,18 @@ class SimDevice(Device):
             return
         kw = {k: v for k, v in (("word_bits", self.word_bits), ("max_tokens", self.max_tokens)) if v is not None}
         try:
-            # the engines as the whole-card plan would place them (SLR0 first): their SLR crossings included
-            stages = plan(engines=self.engines).slr_stages()
-            cfg = KernelConfig(engines=self.engines, head_dim=head_dim, groups=group, slr_stages=stages, **kw)
+            # the engines as the whole-card plan would place them (SLR0 first): their SLR crossings and their
+            # pseudo-channels included
+            card = plan(engines=self.engines)
+            cfg = KernelConfig(engines=self.engines, pcs_per_engine=card.pcs_per_engine, head_dim=head_dim,
+                               groups=group, slr_stages=card.slr_stages(), **kw)
         except ValueError as e:
             raise DeviceUnavailable(f"--board sim: the kernel cannot be built for this model: {e}") from None
         if self.progress:
             self.progress(f"sim: building the kernel RTL on Verilator ({cfg.engines} engines, {cfg.word_bits}-bit, "
                           f"head_dim {head_dim}, G {group}; minutes the first time, then cached in sim_build/)",
                           flush=True)
+        self.pcs_per_engine = cfg.pcs_per_engine
         try:
             self.sim = KernelSim(cfg, hbm=self.hbm)
         except (SimError, OSError) as e:

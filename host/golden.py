@@ -73,14 +73,16 @@ class GoldenKernel:
 
     @staticmethod
     def _engine_view(arg, e: int):
-        """Engine e's view of the registers: its own counts, and its buffer base added to every region offset."""
-        base = arg(L.engine_arg(e, "base"))
-        regions = ("k_codes", "v_codes", "k_meta", "v_meta", "query", "partial")
+        """Engine e's view of the registers: its own counts, its cache buffer's base added to every cache
+        region's offset and its records buffer's base to the record offsets."""
+        base, records = arg(L.engine_arg(e, "base")), arg(L.engine_arg(e, "records"))
+        buffer_of = {"k_codes": base, "v_codes": base, "k_meta": base, "v_meta": base,
+                     "query": records, "partial": records}
 
         def view(name):
             if name in L.ENGINE_ARGS:
                 return arg(L.engine_arg(e, name))
-            return base + arg(name) if name in regions else arg(name)
+            return buffer_of[name] + arg(name) if name in buffer_of else arg(name)
         return view
 
     def execute(self, arg) -> int:

@@ -5,8 +5,9 @@ shrinks) come from the reference accounting in model/cache.py (Occupancy and its
 holds exactly what model.cache.ProgressiveStore holds. The data moves as the kernel contract says
 (docs/kernel-interface.md, hw/regmap.py):
 
-- every engine has one buffer in its own HBM pseudo-channel, laid out alike: [query records | partial records |
-  layer 0 | layer 1 | ...]; a layer's tokens are striped across the engines in whole windows: window block k
+- every engine has two buffers, laid out alike in every engine: the cache [layer 0 | layer 1 | ...] in its
+  first HBM pseudo-channel and the records [query records | partial records] in `regmap.record_pc` (its
+  second, when it has two: the records then do not share the cache PC's bandwidth); a layer's tokens are striped across the engines in whole windows: window block k
   (the k-th window to fill) lives in engine `regmap.block_engine(k, N)` while it fills and after it joins that
   engine's body; the sink lives in engine 0 (`regmap.slices`);
 - the host quantizes each new token to 16 bits and uploads only its codes and metadata, into the engine that
@@ -66,11 +67,11 @@ class DeviceKVCache:
                 raise type(e)(f"layer {i}: {e}") from None
         self.n_kv_heads, self.head_dim = heads, hd
         self.qdt, self.pdt = L.query_dtype(hd), L.partial_dtype(hd)
-        self.query_off, self.partial_off = 0, L.ceil_words(heads * group * self.qdt.itemsize)
-        off = self.partial_off + L.ceil_words(heads * group * self.pdt.itemsize)
+        self.records = L.RecordLayout.of(heads, group, hd)
+        off = 0
         self.layers: list[_Layer] = []
         for cfg, kb, vb, geo in zip(configs, key_budgets, value_budgets, geometries):
-            args = dict(geo.launch_args(off), query=self.query_off, partial=self.partial_off)
+            args = dict(geo.launch_args(off), **self.records.args())
             self.layers.append(_Layer(cfg, geo, (kb, vb), geo.region_offsets(off), (Occupancy(cfg), Occupancy(cfg)),
                                       ([], []), args))
             off += geo.layer_bytes
@@ -80,7 +81,10 @@ class DeviceKVCache:
         device.prepare(head_dim=hd, group=self.group)  # every input checked: now build/open the kernel
         self.kernel = Kernel(device)
         self.bufs = [device.allocate(off, bank=device.engine_pcs(e)[0]) for e in range(N)]
-        self.bases = {L.engine_arg(e, "base"): b.address for e, b in enumerate(self.bufs)}
+        self.record_bufs = [device.allocate(self.records.nbytes, bank=L.record_pc(device.engine_pcs(e)))
+                            for e in range(N)]
+        self.bases = {L.engine_arg(e, p): b.address for e in range(N)
+                      for p, b in (("base", self.bufs[e]), ("records", self.record_bufs[e]))}
 
     @classmethod
     def from_table(cls, device: Device, table, n_kv_heads: int, head_dim: int, group: int) -> "DeviceKVCache":
@@ -119,8 +123,8 @@ class DeviceKVCache:
 
     @property
     def device_bytes(self) -> int:
-        """Device memory reserved for the cache over all engines (sized for max_len tokens)."""
-        return sum(b.nbytes for b in self.bufs)
+        """Device memory reserved for the cache and its records over all engines (sized for max_len tokens)."""
+        return sum(b.nbytes for b in self.bufs + self.record_bufs)
 
     # -- launches ------------------------------------------------------------------------------------------
     def _launch(self, layer: int, counts, **args) -> None:
@@ -233,11 +237,11 @@ class DeviceKVCache:
         counts = L.slices(kocc, self.engines)
         busy = [e for e, c in enumerate(counts) if sum(c)]
         for e in busy:
-            self.bufs[e].write(self.query_off, rec)
+            self.record_bufs[e].write(self.records.query, rec)
         self._launch(layer, counts, op=L.OP_ATTENTION, group=G, k_bits=kocc.bits, v_bits=vocc.bits)
         parts = []
         for e in busy:  # merged in engine order: the same on every backend
-            part = self.bufs[e].read(self.partial_off, H * G * self.pdt.itemsize).view(self.pdt)
+            part = self.record_bufs[e].read(self.records.partial, H * G * self.pdt.itemsize).view(self.pdt)
             m, Lsum, acc, E = (part[f].astype(np.int64) for f in ("m", "L", "acc", "E"))
             # each KV head's G rows are one run; merge_partials works row by row, so E is given per row
             parts.append(Partial(m=m, L=Lsum, acc=acc, E=E[:, None]))

@@ -3,8 +3,8 @@ datapath fed from its own AXI4 master, bound to its own HBM pseudo-channel(s).
 
 The register map and the device-memory layout are the contract in docs/kernel-interface.md
 (`pmkvq_accel.hw.regmap`). One launch processes `n_heads` KV heads of one layer; engine e works in its own
-buffer (`e{e}_base`) over its own token slice (`e{e}_n_sink/n_body/n_window`) for every head. For each head
-it reads the G query records, streams the head's key metadata and codes, value metadata and codes in the
+buffers (the cache at `e{e}_base`, the records at `e{e}_records`) over its own token slice
+(`e{e}_n_sink/n_body/n_window`) for every head. For each head it reads the G query records, streams the head's key metadata and codes, value metadata and codes in the
 order the datapath consumes them (five read channels sharing the AXI port, bursts of up to 64 words, many
 in flight), and writes the G partial records back. An engine with no tokens for the op sits the launch out.
 Bad arguments end the launch at once with a status code (never a hang).
@@ -311,7 +311,7 @@ class Engine(Elaboratable):
         v_codes = Signal(64)
         k_meta = Signal(64)
         v_meta = Signal(64)
-        base = mine["base"]
+        base, records = mine["base"], mine["records"]
         m.d.comb += [
             k_codes.eq(base + a["k_codes"] + k_off),
             v_codes.eq(base + a["v_codes"] + v_off),
@@ -475,7 +475,7 @@ class Engine(Elaboratable):
             # so the port streams across heads while the sequencer below finishes the previous one.
             with m.State("QUERY"):
                 m.d.comb += [qc.cmd.valid.eq(1),
-                             qc.cmd.payload.addr.eq(base + a["query"] + q_off),
+                             qc.cmd.payload.addr.eq(records + a["query"] + q_off),
                              qc.cmd.payload.words.eq(qwords)]
                 with m.If(qc.cmd.ready):
                     m.d.sync += w_issued.eq(0)
@@ -483,7 +483,7 @@ class Engine(Elaboratable):
             with m.State("FEED"):
                 m.d.comb += feed.eq(1)
                 m.d.comb += [wr.cmd.valid.eq(~w_issued),
-                             wr.cmd.payload.addr.eq(base + a["partial"] + p_off),
+                             wr.cmd.payload.addr.eq(records + a["partial"] + p_off),
                              wr.cmd.payload.words.eq(G * pw)]
                 with m.If(wr.cmd.valid & wr.cmd.ready):
                     m.d.sync += w_issued.eq(1)

@@ -7,9 +7,11 @@ kernel.xml), the host (host/kvcache.py, host/golden.py, host/device.py) and the 
 (sim/kernel_image.py, tests/kernel/tb_kernel.py). Offsets in bytes on s_axi_control; 32-bit registers; a 64-bit
 pointer is two registers, low word first; arguments spaced 8 bytes apart (as HLS does).
 
-Engines: engine e reads and writes only its own buffer, the 64-bit pointer `e{e}_base`, which the host
-places in engine e's HBM pseudo-channel. Every other address is a 32-bit byte offset inside an engine's
-buffer, the same for all engines (the host lays every engine's buffer out alike). Token counts are per
+Engines: engine e reads and writes only its own two buffers: the KV cache at the 64-bit pointer `e{e}_base`,
+which the host places in engine e's first HBM pseudo-channel, and the query and partial records at
+`e{e}_records`, placed in its second (`record_pc`), so that the records written while the next KV head streams
+do not take the cache PC's bandwidth. Every other address is a 32-bit byte offset inside one of an engine's
+buffers, the same for all engines (the host lays every engine's buffers out alike). Token counts are per
 engine: engine e covers `e{e}_n_sink + e{e}_n_body + e{e}_n_window` tokens of the layer (its slice).
 """
 from __future__ import annotations
@@ -51,8 +53,8 @@ ARGS = {  # shared by every engine: name -> (offset, bits)
     "v_codes": (0x50, 32),
     "k_meta": (0x58, 32),
     "v_meta": (0x60, 32),
-    "query": (0x68, 32),           # query records (ATTENTION)
-    "partial": (0x70, 32),         # partial-result records (ATTENTION)
+    "query": (0x68, 32),           # query records (ATTENTION), inside an engine's records buffer
+    "partial": (0x70, 32),         # partial-result records (ATTENTION), inside an engine's records buffer
     "k_window_off": (0x78, 32),    # inside a head's codes region
     "k_body_off": (0x80, 32),
     "v_window_off": (0x88, 32),
@@ -67,13 +69,15 @@ STATUS = 0xC0    # read only: status of the last launch, valid once ap_done has 
 DEBUG = 0xC8     # read only: engine 0's state and stream handshakes (hw/kernel.py Engine.debug)
 ENGINES = 0xD0   # read only: the number of engines the kernel was built with
 PCS_PER_ENGINE = 0xD8  # read only: HBM pseudo-channels per engine (engine e: e*k .. e*k+k-1)
-ENGINE_BASE, ENGINE_STRIDE = 0x100, 0x20
+ENGINE_BASE, ENGINE_STRIDE = 0x100, 0x30
 ENGINE_ARGS = {  # per engine, relative to ENGINE_BASE + e * ENGINE_STRIDE
-    "base": (0x00, 64),
+    "base": (0x00, 64),            # the engine's KV-cache buffer
     "n_sink": (0x08, 32),
     "n_body": (0x10, 32),
     "n_window": (0x18, 32),
+    "records": (0x20, 64),         # the engine's query/partial-record buffer
 }
+POINTER_ARGS = ("base", "records")
 COUNT_FIELDS = ("n_sink", "n_body", "n_window")
 OFFSET_ARGS = ("k_codes", "v_codes", "k_meta", "v_meta", "query", "partial", "k_window_off", "k_body_off",
                "v_window_off", "v_body_off", "k_codes_stride", "v_codes_stride", "meta_stride",
@@ -82,7 +86,7 @@ OFFSET_ARGS = ("k_codes", "v_codes", "k_meta", "v_meta", "query", "partial", "k_
 
 def engine_pcs(e: int, engines: int, pcs_per_engine: int = 1) -> tuple[int, ...]:
     """The HBM pseudo-channels engine e's master is bound to: a contiguous range of pcs_per_engine, from
-    e * pcs_per_engine (the engine's buffer lives in the first)."""
+    e * pcs_per_engine (the engine's cache buffer lives in the first, its records buffer in `record_pc`)."""
     if not 0 <= e < engines:
         raise ValueError(f"engine {e} out of range: the kernel has {engines}")
     k = pcs_per_engine
@@ -92,6 +96,12 @@ def engine_pcs(e: int, engines: int, pcs_per_engine: int = 1) -> tuple[int, ...]
 def engine_arg(e: int, name: str) -> str:
     """Register name of engine e's per-engine argument `name` (base, n_sink, n_body, n_window)."""
     return f"e{e}_{name}"
+
+
+def record_pc(pcs: tuple[int, ...]) -> int:
+    """The pseudo-channel of an engine's records buffer, among its own PCs `pcs` (engine_pcs): the second
+    one, so that record traffic does not share the cache PC's bandwidth; the only one if the engine has one."""
+    return pcs[1] if len(pcs) > 1 else pcs[0]
 
 
 def all_args(engines: int) -> dict[str, tuple[int, int]]:
@@ -107,7 +117,7 @@ def all_args(engines: int) -> dict[str, tuple[int, int]]:
 
 def aligned_args(engines: int) -> tuple[str, ...]:
     """Arguments that must be multiples of WORD_BYTES (else STATUS_BAD_ADDRESS)."""
-    return OFFSET_ARGS + tuple(engine_arg(e, "base") for e in range(engines))
+    return OFFSET_ARGS + tuple(engine_arg(e, p) for e in range(engines) for p in POINTER_ARGS)
 
 
 def regs(engines: int) -> dict[str, int]:
@@ -168,6 +178,22 @@ def partial_dtype(head_dim: int) -> np.dtype:
     """Partial record: int32 M at 0, int32 E at 4, int64 L at 8, int64 acc[head_dim] at 16; word padded."""
     return np.dtype({"names": ["m", "E", "L", "acc"], "formats": ["<i4", "<i4", "<i8", ("<i8", (head_dim,))],
                      "offsets": [0, 4, 8, 16], "itemsize": ceil_words(16 + 8 * head_dim)})
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """An engine's records buffer: [query records | partial records], one of each per (KV head, query head)."""
+    query: int        # offset of the query records (the `query` argument)
+    partial: int      # offset of the partial records (the `partial` argument)
+    nbytes: int       # the buffer's size
+
+    @classmethod
+    def of(cls, n_heads: int, group: int, head_dim: int) -> "RecordLayout":
+        partial = ceil_words(n_heads * group * query_record_bytes(head_dim))
+        return cls(0, partial, partial + ceil_words(n_heads * group * partial_record_bytes(head_dim)))
+
+    def args(self) -> dict[str, int]:
+        return {"query": self.query, "partial": self.partial}
 
 
 def query_record_bytes(head_dim: int) -> int:

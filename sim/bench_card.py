@@ -44,7 +44,6 @@ N_SINK, WINDOW = int(_CACHE.get("n_sink", 1)), int(_CACHE.get("window", 128))
 # XRT's xrt::run start + wait on an Alveo card, steady state: ~16-17 us (Xilinx/XRT issue #6601, U25);
 # 20 us per launch is the default assumption.
 LAUNCH_OVERHEAD_US = 20.0
-BASE = 0x10000
 
 
 @dataclass(frozen=True)
@@ -101,31 +100,29 @@ def table_widths(layers: int, table: Path = TABLE) -> list[tuple[int, int]]:
 
 def launch_image(heads, n_sink: int, n_body: int, n_window: int, engines: int = 1):
     """Engine 0's memory image and registers for an ATTENTION launch over `heads` (sim/kernel_image.py); the
-    other engines of an `engines`-engine kernel get empty slices: ([(buffer base, bytes) per engine],
-    {address: bytes}, [(offset, bits, value)])."""
-    from pmkvq_accel.hw import regmap as R
+    other engines of an `engines`-engine kernel get empty slices: ([(address, bytes, engine, "cache" or
+    "records") for every engine's two buffers], {address: bytes}, [(offset, bits, value)])."""
     from pmkvq_accel.sim import kernel_image as KI
     caps = dict(sink_cap=max(n_sink, 1), window_cap=max(n_window, 16), body_cap=max(n_body, 16))
-    if hasattr(R, "all_args"):          # the per-engine contract: one buffer per engine, offsets inside it
-        empty = [KI.Head((None, None, None), (None, None, None), h.query) for h in heads]
-        img = KI.build_image([heads] + [empty] * (engines - 1), **caps)
-        regs = R.all_args(engines)
-        return ([(b, img.buffer_bytes) for b in img.bases], img.mem,
-                [(*regs[n], v) for n, v in img.args.items()])
-    mem, args, end = KI.build_image(heads, base=BASE, **caps)   # the former contract: absolute addresses
-    return [(BASE, end - BASE)], mem, [(*R.ARGS[n], v) for n, v in args.items()]
+    empty = [KI.Head((None, None, None), (None, None, None), h.query) for h in heads]
+    img = KI.build_image([heads] + [empty] * (engines - 1), **caps)
+    regs = R.all_args(engines)
+    buffers = [(a, n, e, kind) for e in range(engines) for (a, n), kind in zip(img.buffers(e), ("cache", "records"))]
+    return buffers, img.mem, [(*regs[n], v) for n, v in img.args.items()]
 
 
 class EngineBench:
-    """One engine's kernel (1 engine, 512-bit, the shape's head_dim and G) on the fast harness; its data in
-    `home_pc`, one of the engine's own pseudo-channels."""
+    """One engine's kernel (1 engine, 512-bit, the shape's head_dim and G, `pcs_per_engine` PCs) on the fast
+    harness; its cache in its first pseudo-channel, its records in `regmap.record_pc`, as the host puts them."""
 
-    def __init__(self, shape: Shape, hbm, home_pc: int, max_tokens: int = R.ENGINE_MAX_TOKENS, word_bits: int = 512,
-                 progress=print):
+    def __init__(self, shape: Shape, hbm, pcs_per_engine: int, max_tokens: int = R.ENGINE_MAX_TOKENS,
+                 word_bits: int = 512, progress=print):
         from pmkvq_accel.sim.kernel_sim import KernelSim
-        self.shape, self.hbm, self.pc = shape, hbm, home_pc
-        self.cfg = KernelConfig(engines=1, word_bits=word_bits, head_dim=shape.head_dim, groups=shape.groups,
-                                max_tokens=max_tokens)
+        self.shape, self.hbm = shape, hbm
+        self.cfg = KernelConfig(engines=1, pcs_per_engine=pcs_per_engine, word_bits=word_bits,
+                                head_dim=shape.head_dim, groups=shape.groups, max_tokens=max_tokens)
+        pcs = self.cfg.engine_pcs(0)
+        self.pc = {"cache": pcs[0], "records": R.record_pc(pcs)}
         t = time.monotonic()
         progress(f"  building/starting the {word_bits}-bit kernel: head_dim {shape.head_dim}, G {shape.groups} "
                  "(Verilator: minutes the first time, cached in sim_build/) ...")
@@ -151,8 +148,8 @@ class EngineBench:
             q = quantize_query(self.rng.normal(size=(G, hd)), 1 / math.sqrt(hd))
             heads.append(Head(blocks(k_bits), blocks(v_bits), q))
         bufs, mem, regs = launch_image(heads, n_sink, n_body, n_window)
-        base, size = bufs[0]
-        self.sim.add_region(base, size, pc=self.pc)      # replaces the previous launch's region (same base)
+        for addr, size, _, kind in bufs:    # replace the previous launch's regions (same addresses)
+            self.sim.add_region(addr, size, pc=self.pc[kind])
         for addr, data in mem.items():
             if data:
                 self.sim.write(addr, data)
@@ -201,7 +198,7 @@ def project(args, progress=print) -> dict:
     rows = []
     for mkey in args.models:
         shape = SHAPES[mkey]
-        bench = EngineBench(shape, hbm, home_pc=plan.engine_pcs(0)[0], progress=progress)
+        bench = EngineBench(shape, hbm, plan.pcs_per_engine, progress=progress)
         try:
             widths = [("uniform", b, [(b, b)] * shape.layers) for b in args.bits]
             if not args.no_mix:

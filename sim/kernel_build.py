@@ -13,12 +13,14 @@ def shared_test_config():
     """The one small kernel build the test suite shares (tests/kernel, tests/test_host_sim.py,
     tests/test_hbm_model.py, the README example on sim): 128-bit words, two engines, engine 0 in SLR0 and
     engine 1 in SLR1 (so its master crosses an SLR boundary through the register stages the card plan gives
-    such an engine), the SmolLM2 shape. The memory layout depends on neither the word width nor the engine
+    such an engine), 16 pseudo-channels per engine as
+    the card plan gives two engines (SimDevice builds the same; the records sit in a PC of their own), the SmolLM2 shape. The memory layout depends on neither the word width nor the engine
     count."""
-    from pmkvq_accel.hw.card import TODAY_ENGINE, CardPlan
+    from pmkvq_accel.hw.card import HBM_PCS, TODAY_ENGINE, CardPlan
     from pmkvq_accel.hw.kernel import KernelConfig
     stages = CardPlan(TODAY_ENGINE, {"SLR0": 1, "SLR1": 1, "SLR2": 0}, 1).slr_stages()
-    return KernelConfig(engines=2, word_bits=128, head_dim=64, groups=3, max_tokens=2048, slr_stages=stages)
+    return KernelConfig(engines=2, pcs_per_engine=HBM_PCS // 2, word_bits=128, head_dim=64, groups=3,
+                        max_tokens=2048, slr_stages=stages)
 
 
 def build_kernel(engines: int = 1, word_bits: int = 128, head_dim: int = 64, groups: int = 3,

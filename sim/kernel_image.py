@@ -1,7 +1,8 @@
 """Device-memory images for the kernel testbenches, built with the host's contract code (hw/regmap.py: the
 per-engine geometry, the record formats, the register names): every engine's buffer laid out as the host
-lays it out, [query records | partial records | one layer], with each engine's own sink/body/window blocks
-per KV head, the launch registers, and the expected partial records of every engine."""
+lays it out: its cache buffer (one layer, with the engine's own sink/body/window blocks per KV head) and its
+records buffer (`regmap.RecordLayout`: query records | partial records), the launch registers, and the
+expected partial records of every engine."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pmkvq_accel.model.attention import Query, attention_partial
 from pmkvq_accel.model.cache import CacheConfig
 from pmkvq_accel.model.quant import QuantizedKV, pack_codes, pack_metadata
 
-BASE = 0x10000        # engine 0's buffer; engine e's at BASE + e * span (span: the buffer rounded to 64 KiB)
+BASE = 0x10000        # engine 0's buffers; engine e's at BASE + e * span (span: both buffers, rounded to 64 KiB)
 
 
 def meta_bytes(block: QuantizedKV | None) -> bytes:
@@ -45,16 +46,19 @@ class Head:
 class Image:
     mem: dict             # address -> bytes
     args: dict            # every register of the launch (shared and per engine)
-    bases: list           # engine buffer addresses
-    buffer_bytes: int     # bytes of one engine's buffer
+    bases: list           # engine cache-buffer addresses
+    buffer_bytes: int     # bytes of one engine's cache buffer
+    records: list         # engine records-buffer addresses
+    record_layout: R.RecordLayout
     geo: R.CacheGeometry
-    query_off: int
-    partial_off: int
+
+    def buffers(self, e: int) -> list[tuple[int, int]]:
+        """Engine e's buffers: [(address, bytes)] of its cache and its records."""
+        return [(self.bases[e], self.buffer_bytes), (self.records[e], self.record_layout.nbytes)]
 
     def engine_mem(self, e: int) -> dict:
-        """The part of the image in engine e's buffer."""
-        lo, hi = self.bases[e], self.bases[e] + self.buffer_bytes
-        return {a: d for a, d in self.mem.items() if lo <= a < hi}
+        """The part of the image in engine e's buffers."""
+        return {a: d for a, d in self.mem.items() if any(lo <= a < lo + n for lo, n in self.buffers(e))}
 
     def offset(self, name: str, h: int = 0) -> int:
         """Offset in an engine's buffer of head h's region `name` (k_codes, v_codes, k_meta, v_meta)."""
@@ -73,23 +77,21 @@ def build_image(engines: list[list[Head]], sink_cap: int = 1, window_cap: int = 
     G, hd = first.query.codes.shape
     cfg = CacheConfig(n_kv_heads=n, head_dim=hd, n_sink=sink_cap, window=window_cap)
     geo = R.fixed_geometry(cfg, body_cap, len(engines))
-    qdt, pdt = R.query_dtype(hd), R.partial_dtype(hd)
-    query_off = 0
-    partial_off = R.ceil_words(n * G * qdt.itemsize)
-    layer_off = partial_off + R.ceil_words(n * G * pdt.itemsize)
-    size = layer_off + geo.layer_bytes
-    span = -(-size // 0x10000) * 0x10000
+    recs = R.RecordLayout.of(n, G, hd)
+    size = geo.layer_bytes
+    rec_off = -(-size // 0x1000) * 0x1000          # the records buffer follows the cache buffer, 4 KiB aligned
+    span = -(-(rec_off + recs.nbytes) // 0x10000) * 0x10000
     bases = [BASE + e * span for e in range(len(engines))]
-    args = dict(geo.launch_args(layer_off), query=query_off, partial=partial_off, op=R.OP_ATTENTION, kind=0,
-                group=G)
+    records = [b + rec_off for b in bases]
+    args = dict(geo.launch_args(0), **recs.args(), op=R.OP_ATTENTION, kind=0, group=G)
     mem = {}
-    rec = np.zeros(n * G, qdt)
+    rec = np.zeros(n * G, R.query_dtype(hd))
     for h, head in enumerate(engines[0]):
         rec["q"][h * G:(h + 1) * G], rec["exp"][h * G:(h + 1) * G] = head.query.codes, head.query.exp
     widths = {}
     for e, heads in enumerate(engines):
         base = bases[e]
-        mem[base + query_off] = rec.tobytes()
+        mem[records[e] + recs.query] = rec.tobytes()
         counts = [_tokens(b) for b in heads[0].keys]
         for h, head in enumerate(heads):
             for kind, blocks, stride in (("k", head.keys, geo.keys.codes_stride),
@@ -109,8 +111,9 @@ def build_image(engines: list[list[Head]], sink_cap: int = 1, window_cap: int = 
                     widths[kind] = body.bits
         args.update({R.engine_arg(e, f): c for f, c in zip(R.COUNT_FIELDS, counts)})
         args[R.engine_arg(e, "base")] = base
+        args[R.engine_arg(e, "records")] = records[e]
     args.update(k_bits=widths.get("k", 16), v_bits=widths.get("v", 16))
-    return Image(mem, args, bases, size, geo, query_off, partial_off)
+    return Image(mem, args, bases, size, records, recs, geo)
 
 
 def expected_partials(heads: list[Head]):

@@ -48,10 +48,9 @@ async def run_hbm_ram(dut):
         return (None, quantize(rng.normal(size=(n_body, hd)).astype(np.float32), b), None)
     heads = [Head(blocks(16), blocks(16), quantize_query(rng.normal(size=(G, hd)), 1 / math.sqrt(hd)))]
     bufs, mem, regs = launch_image(heads, 0, n_body, 0, engines=engines)
-    base = bufs[0][0]
     for addr, data in mem.items():
         if data:
-            e = max(i for i, (b, _) in enumerate(bufs) if addr >= b) if len(bufs) > 1 else 0
+            e = next(e for a, n, e, _ in bufs if a <= addr < a + n)
             rams[e].write(addr, data)
     for off, bits, value in regs:
         await ctrl.write_dword(off, value & 0xFFFFFFFF)
@@ -67,8 +66,8 @@ async def run_hbm_ram(dut):
         raise AssertionError("no ap_done")
     assert await ctrl.read_dword(R.STATUS) == R.STATUS_OK
     named = {off: v for off, _, v in regs}
-    args = R.all_args(engines) if hasattr(R, "all_args") else R.ARGS
-    partial = named[args["partial"][0]] + (base if hasattr(R, "all_args") else 0)
+    args = R.all_args(engines)
+    partial = named[args[R.engine_arg(0, "records")][0]] + named[args["partial"][0]]
     got = decode_partials(ram.read(partial, G * R.partial_record_bytes(hd)), 1, G, hd)
     want = expected_partials(heads)
     for g in range(G):

@@ -55,7 +55,7 @@ def test_kernel_xml_matches_regmap(built):
     for a in args:
         off, bits = want[a["name"]]
         assert _int(a["offset"]) == off and _int(a["size"]) == bits // 8 == _int(a["hostSize"])
-        if a["name"] == "e0_base":   # the engine's buffer: global pointer on its master
+        if a["name"] in ("e0_base", "e0_records"):   # the engine's buffers: global pointers on its master
             assert a["addressQualifier"] == "1" and a["type"].endswith("*") and a["port"] == "m_axi_gmem0"
         else:
             assert a["addressQualifier"] == "0" and a["port"] == "s_axi_control"
@@ -128,7 +128,7 @@ def _pcs(mem):
 @pytest.mark.parametrize("engines", [1, 2, 3, 4, 16])
 def test_generated_files_for_n_engines(engines):
     """kernel.xml / link.cfg / floorplan / package_xo.tcl agree with the port list hw/kernel.py builds for N
-    engines: one pointer per master, each master on its own pseudo-channels, no two masters sharing one."""
+    engines: two pointers per master (cache and records), each master on its own pseudo-channels, no two masters sharing one."""
     want = V.expected_ports(engines)
     _, ports, args = _xml(V.kernel_xml(engines))
     masters = [n for n, p in ports.items() if p["mode"] == "master"]
@@ -136,7 +136,7 @@ def test_generated_files_for_n_engines(engines):
     for m in masters:
         assert want[f"{m}_rdata"] == ("input", _int(ports[m]["dataWidth"]))
     pointers = {a["name"]: a["port"] for a in args if a["addressQualifier"] == "1"}
-    assert pointers == {f"e{e}_base": f"m_axi_gmem{e}" for e in range(engines)}
+    assert pointers == {f"e{e}_{p}": f"m_axi_gmem{e}" for e in range(engines) for p in ("base", "records")}
     assert [a["name"] for a in args] == list(R.all_args(engines))
     k = C.HBM_PCS // engines
     cfg = V.parse_link_cfg(V.link_cfg(engines, k))

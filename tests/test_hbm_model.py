@@ -33,10 +33,9 @@ def _heads(rng, n_body, bits=16):
 
 def _launch(sim, heads, n_body, pc):
     bufs, mem, regs = launch_image(heads, 0, n_body, 0, engines=CFG.engines)
-    base, size = bufs[0]
-    sim.add_region(base, size, pc=pc)
-    for e, (b, n) in enumerate(bufs[1:], 1):
-        sim.add_region(b, n, pc=CFG.engine_pcs(e)[0])
+    for addr, n, e, kind in bufs:   # engine 0's buffers (cache and records) in `pc`, the others' in their own
+        home = CFG.engine_pcs(e)
+        sim.add_region(addr, n, pc=pc if e == 0 else home[0] if kind == "cache" else R.record_pc(home))
     for addr, data in mem.items():
         if data:
             sim.write(addr, data)
@@ -48,13 +47,13 @@ def _launch(sim, heads, n_body, pc):
     sim.write_reg(R.CTRL, R.AP_START)
     assert sim.wait_done() & R.AP_DONE
     assert sim.read_reg(R.STATUS) == R.STATUS_OK and sim.counters()["faults"] == before["faults"]
-    return sim.port_stats(0), sim.counters()["kernel_cycles"] - before["kernel_cycles"], base, regs
+    return sim.port_stats(0), sim.counters()["kernel_cycles"] - before["kernel_cycles"], regs
 
 
-def _check_partials(sim, heads, base, regs):
+def _check_partials(sim, heads, regs):
     off = {o: v for o, _, v in regs}
-    partial = off[R.all_args(CFG.engines)["partial"][0]] if hasattr(R, "all_args") else off[R.ARGS["partial"][0]]
-    addr = base + partial if hasattr(R, "all_args") else partial
+    args = R.all_args(CFG.engines)
+    addr = off[args[R.engine_arg(0, "records")][0]] + off[args["partial"][0]]
     got = decode_partials(sim.read(addr, G * R.partial_record_bytes(HD)), 1, G, HD)
     want = expected_partials(heads)
     for g in range(G):
@@ -74,7 +73,7 @@ def test_local_stream_runs_at_the_pc_rate(sim):
     rng = np.random.default_rng(1)
     n_body = 1024
     heads = _heads(rng, n_body)
-    st, cycles, base, regs = _launch(sim, heads, n_body, pc=0)       # engine 0's own PC
+    st, cycles, regs = _launch(sim, heads, n_body, pc=0)       # engine 0's own PC
     span = st["r_last"] - st["r_first"] + 1
     rate = st["r_beats"] / span
     assert st["cross_beats"] == 0
@@ -83,19 +82,21 @@ def test_local_stream_runs_at_the_pc_rate(sim):
     assert st["r_beats"] <= span * HALF.pc_bytes_per_cycle / WORD + 2
     assert rate > 0.97 * HALF.pc_bytes_per_cycle / WORD
     assert st["r_first"] >= HALF.read_latency
-    _check_partials(sim, heads, base, regs)
+    _check_partials(sim, heads, regs)
 
 
 def test_cross_pc_reads_pay_the_penalty(sim):
     rng = np.random.default_rng(2)
     n_body = 512
     heads = _heads(rng, n_body)
-    st, cycles, base, regs = _launch(sim, heads, n_body, pc=7)        # not engine 0's
+    other = CFG.engine_pcs(1)[3]
+    assert other not in CFG.engine_pcs(0)
+    st, cycles, regs = _launch(sim, heads, n_body, pc=other)        # not engine 0's
     span = st["r_last"] - st["r_first"] + 1
     want = HALF.pc_bytes_per_cycle / HALF.cross_beat_cost * (HALF.word_bytes / WORD)   # beats per cycle
     assert st["cross_beats"] == st["r_beats"] > 0
     assert st["r_beats"] <= span * want + 2 and st["r_beats"] / span > 0.97 * want
-    _check_partials(sim, heads, base, regs)
+    _check_partials(sim, heads, regs)
 
 
 def test_fixed_latency_memory_is_the_port_rate():
@@ -104,10 +105,10 @@ def test_fixed_latency_memory_is_the_port_rate():
     rng = np.random.default_rng(3)
     heads = _heads(rng, 512)
     with KernelSim(CFG, latency=40) as s:
-        st, _, base, regs = _launch(s, heads, 512, pc=9)
+        st, _, regs = _launch(s, heads, 512, pc=9)
         assert st["cross_beats"] == 0 and st["r_first"] >= 40
         assert st["r_beats"] / (st["r_last"] - st["r_first"] + 1) > 0.9
-        _check_partials(s, heads, base, regs)
+        _check_partials(s, heads, regs)
     with pytest.raises(ValueError):
         KernelSim(CFG, hbm=HALF, latency=10)
 
@@ -117,7 +118,7 @@ def test_add_region_rejects_a_bad_pc(sim):
         sim.add_region(0x4000_0000, 64, pc=32)
 
 
-@pytest.mark.parametrize("pc, stall_r", [(0, 0.0), (3, 0.2)])
+@pytest.mark.parametrize("pc, stall_r", [(0, 0.0), (CFG.engine_pcs(1)[3], 0.2)])
 def test_cocotb_hbm_ram_rate(tmp_path, pc, stall_r):
     """sim/hbm.py HbmRam (the cocotb memory) on the kernel: results exact; R beats at the PC rate locally,
     at the cross rate for another engine's PC; random R stalls only slow it down."""
@@ -125,7 +126,7 @@ def test_cocotb_hbm_ram_rate(tmp_path, pc, stall_r):
     from pmkvq_accel.sim import runner
     from pmkvq_accel.sim.kernel_build import build_kernel
     bdir = build_kernel(engines=CFG.engines, word_bits=128, head_dim=HD, groups=G, max_tokens=2048,
-                        slr_stages=CFG.slr_stages)
+                        pcs_per_engine=CFG.pcs_per_engine, slr_stages=CFG.slr_stages)
     out = tmp_path / "r.json"
     model = dict(clock_mhz=HALF.clock_mhz, read_latency_ns=HALF.read_latency_ns,
                  cross_latency_ns=HALF.cross_latency_ns)

@@ -223,3 +223,35 @@ def test_bad_configurations_are_clear_errors():
     kv.append(0, np.ones((3, 40, 64)), np.ones((3, 40, 64)))
     assert [sum(c) for c in kv.slices(0)] == [17, 16, 7, 0, 0, 0, 0, 0]
     assert np.allclose(kv.attention(0, np.ones((3, 64)), 0.125), 1.0, atol=1e-3)
+
+
+class BankDevice(GoldenDevice):
+    """Records the HBM pseudo-channel of every buffer the host allocates."""
+
+    def __init__(self, engines, pcs_per_engine):
+        super().__init__(engines=engines)
+        self.pcs_per_engine, self.banks = pcs_per_engine, {}
+
+    def allocate(self, nbytes, bank=0):
+        buf = super().allocate(nbytes, bank)
+        self.banks[buf.address] = bank
+        return buf
+
+
+@pytest.mark.parametrize("engines, k", [(2, 4), (3, 1)])
+def test_records_live_in_the_engines_second_pc(engines, k):
+    """The cache in the engine's first PC, the query/partial records in its second (the first if it has one):
+    the records written during a launch do not share the cache PC's bandwidth."""
+    cfg = CacheConfig(3, 64, 1, 16)
+    dev = BankDevice(engines, k)
+    kv = DeviceKVCache(dev, [cfg], [budget_for_width(cfg, 4, 256)], [budget_for_width(cfg, 4, 256)], 256, group=3)
+    for e in range(engines):
+        pcs = R.engine_pcs(e, engines, k)
+        assert dev.banks[kv.bases[R.engine_arg(e, "base")]] == pcs[0]
+        assert dev.banks[kv.bases[R.engine_arg(e, "records")]] == (pcs[1] if k > 1 else pcs[0])
+        assert kv.record_bufs[e].nbytes == R.RecordLayout.of(3, 3, 64).nbytes
+    rng = np.random.default_rng(0)
+    kv.append(0, rng.normal(size=(3, 40, 64)), rng.normal(size=(3, 40, 64)))
+    q = rng.normal(size=(9, 64))
+    out = kv.attention(0, q, 0.125)
+    assert np.isfinite(out).all()

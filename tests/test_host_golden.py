@@ -31,9 +31,11 @@ def doc_registers():
     text = (Path(__file__).resolve().parent.parent / "docs" / "kernel-interface.md").read_text()
     table = text[text.index("## 2. Registers"):text.index("## 3.")]
     shared = re.findall(r"^\| (0x[0-9A-Fa-f]+)\S* \| (\w+) \|", table, re.M)
-    per_engine = re.findall(r"^\| 0x100 \+ 0x20 e \+ (0x[0-9A-Fa-f]+)\S* \| e\{e\}_(\w+) \|", table, re.M)
+    per_engine = re.findall(r"^\| (0x[0-9A-Fa-f]+) \+ (0x[0-9A-Fa-f]+) e \+ (0x[0-9A-Fa-f]+)\S* \| e\{e\}_(\w+) \|",
+                            table, re.M)
+    assert {(int(b, 16), int(s, 16)) for b, s, _, _ in per_engine} == {(L.ENGINE_BASE, L.ENGINE_STRIDE)}
     return ({name: int(off, 16) for off, name in shared if int(off, 16) >= 0x10},
-            {name: int(off, 16) for off, name in per_engine})
+            {name: int(off, 16) for _, _, off, name in per_engine})
 
 
 def test_register_map_contract():

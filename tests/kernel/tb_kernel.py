@@ -60,7 +60,8 @@ class TB:
 
     def load(self, image):
         for e, ram in enumerate(self.rams):
-            ram.write(image.bases[e], bytes(image.buffer_bytes))   # clear the buffer (partials from before)
+            for addr, nbytes in image.buffers(e):    # clear the buffers (partials from before)
+                ram.write(addr, bytes(nbytes))
             for addr, data in image.engine_mem(e).items():
                 if data:
                     ram.write(addr, data)
@@ -135,7 +136,7 @@ async def run_bad_arguments(dut):
     image = build_image(engines)
     tb.load(image)
     args = image.args
-    e0 = {f: R.engine_arg(0, f) for f in ("base", *R.COUNT_FIELDS)}
+    e0 = {f: R.engine_arg(0, f) for f in (*R.POINTER_ARGS, *R.COUNT_FIELDS)}
     bad = [
         (dict(op=9), R.STATUS_BAD_OP),
         (dict(op=R.OP_SHRINK, kind=2), R.STATUS_BAD_KIND),
@@ -149,6 +150,7 @@ async def run_bad_arguments(dut):
         (dict(op=R.OP_COPY, kind=0, **{e0["n_window"]: 0}), R.STATUS_BAD_TOKENS),
         (dict(partial=args["partial"] + 4), R.STATUS_BAD_ADDRESS),
         ({e0["base"]: args[e0["base"]] + 32}, R.STATUS_BAD_ADDRESS),
+        ({e0["records"]: args[e0["records"]] + 16}, R.STATUS_BAD_ADDRESS),
     ]
     if ENGINES > 1:   # another engine's base is checked too, though that engine has no tokens
         bad.append(({R.engine_arg(ENGINES - 1, "base"): 8}, R.STATUS_BAD_ADDRESS))
@@ -254,12 +256,12 @@ async def check_launch_args(tb, engines, image, args):
     no tokens must leave its partial records untouched (the bench zeroed them)."""
     for e, ram in enumerate(tb.rams):   # zero the partial records, so stale results cannot pass
         n = len(engines[e])
-        ram.write(image.bases[e] + args["partial"], bytes(n * G * R.partial_record_bytes(HD)))
+        ram.write(image.records[e] + args["partial"], bytes(n * G * R.partial_record_bytes(HD)))
     status, cycles = await tb.launch(args)
     assert status == R.STATUS_OK, R.STATUS_NAMES[status]
     for e, heads in enumerate(engines):
         n = len(heads)
-        raw = tb.rams[e].read(image.bases[e] + args["partial"], n * G * R.partial_record_bytes(HD))
+        raw = tb.rams[e].read(image.records[e] + args["partial"], n * G * R.partial_record_bytes(HD))
         want = expected_partials(heads)
         if all(w is None for w in want):
             assert not any(raw), f"engine {e} has no tokens but wrote partial records"

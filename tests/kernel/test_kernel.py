@@ -9,7 +9,8 @@ from pmkvq_accel.sim import runner
 from pmkvq_accel.sim.kernel_build import build_kernel, shared_test_config
 
 _CFG = shared_test_config()
-BUILD = dict(engines=_CFG.engines, head_dim=_CFG.head_dim, groups=_CFG.groups, slr_stages=list(_CFG.slr_stages))
+BUILD = dict(engines=_CFG.engines, pcs_per_engine=_CFG.pcs_per_engine, head_dim=_CFG.head_dim, groups=_CFG.groups,
+             slr_stages=list(_CFG.slr_stages))
 assert _CFG.slr_stages[1] > 0   # engine 1's master goes through SLR-crossing register stages
 
 CASES = {
