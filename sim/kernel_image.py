@@ -79,10 +79,12 @@ def build_image(engines: list[list[Head]], sink_cap: int = 1, window_cap: int = 
     geo = R.fixed_geometry(cfg, body_cap, len(engines))
     recs = R.RecordLayout.of(n, G, hd)
     size = geo.layer_bytes
-    rec_off = -(-size // 0x1000) * 0x1000          # the records buffer follows the cache buffer, 4 KiB aligned
-    span = -(-(rec_off + recs.nbytes) // 0x10000) * 0x10000
-    bases = [BASE + e * span for e in range(len(engines))]
-    records = [b + rec_off for b in bases]
+    # the records buffer first, then the cache buffer 4 KiB aligned: for one shape both addresses stay put
+    # whatever the token counts (the benches replace regions launch after launch at the same addresses)
+    cache_off = -(-recs.nbytes // 0x1000) * 0x1000
+    span = -(-(cache_off + size) // 0x10000) * 0x10000
+    records = [BASE + e * span for e in range(len(engines))]
+    bases = [r + cache_off for r in records]
     args = dict(geo.launch_args(0), **recs.args(), op=R.OP_ATTENTION, kind=0, group=G)
     mem = {}
     rec = np.zeros(n * G, R.query_dtype(hd))
