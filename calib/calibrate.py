@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from pmkvq_accel.calib import table as T
 from pmkvq_accel.calib.allocate import AllocationError, allocate, rtn_equivalent_bytes, uniform_budgets
 from pmkvq_accel.calib.quantsim import CaptureLayer, FloatLayer, OneTensorLayer, fake_quant, make_cache
 from pmkvq_accel.model.cache import CacheConfig, budget_for_width
-from pmkvq_accel.model.llm import attention_modules
+from pmkvq_accel.model.llm import attention_modules, decoder_layers
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "out" / "calib"
@@ -248,22 +249,47 @@ def kl_sensitivity(model, samples, pos, widths=KL_WIDTHS, desc="KL sensitivity",
     """S_K,l(b), S_V,l(b): the mean next-token KL(float || quantised) over the samples' positions with only
     layer l's keys (values) quantised at width b (through `rotation`) and everything else float. The error the
     allocation minimises, measured end to end: it sees a layer whose error the softmax or later layers amplify,
-    which the first-order scores of `sensitivity` miss. One forward pass per sample, layer, tensor and width."""
+    which the first-order scores of `sensitivity` miss. One forward pass per sample, layer, tensor and width;
+    layers before l are float in a probe of layer l, so their outputs are replayed from the reference pass
+    (the same tensors, not recomputed: about half the work)."""
     n_layers = _dims(model)[0]
     sk = np.zeros((n_layers, len(widths)))
     sv = np.zeros((n_layers, len(widths)))
     probes = [(l, j, kind) for l in range(n_layers) for j in range(len(widths)) for kind in "kv"]
+    blocks = decoder_layers(model)
     with torch.no_grad(), tqdm(total=len(samples) * len(probes), desc=desc, unit="pass") as bar:
         for ids in samples:
-            ref = torch.log_softmax(_forward(model, ids, pos, [FloatLayer() for _ in range(n_layers)])[0].float(), -1)
+            outs = {}
+            hooks = [b.register_forward_hook(lambda m, i, o, l=l: outs.__setitem__(l, o))
+                     for l, b in enumerate(blocks)]
+            try:
+                ref = _forward(model, ids, pos, [FloatLayer() for _ in range(n_layers)])
+            finally:
+                for h in hooks:
+                    h.remove()
+            ref = torch.log_softmax(ref[0].float(), -1)
             for l, j, kind in probes:
                 layers = [FloatLayer() for _ in range(n_layers)]
                 layers[l] = OneTensorLayer(kind, widths[j], rotation)
-                lp = torch.log_softmax(_forward(model, ids, pos, layers)[0].float(), -1)
+                with _replayed(blocks, outs, l):
+                    lp = torch.log_softmax(_forward(model, ids, pos, layers)[0].float(), -1)
                 kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
                 (sk if kind == "k" else sv)[l, j] += max(kl, 0.0)
                 bar.update()
     return sk / len(samples), sv / len(samples)
+
+
+@contextmanager
+def _replayed(blocks, outputs, upto):
+    """Decoder layers 0..upto-1 return their recorded outputs instead of computing them (only the output of
+    layer upto-1, the input of layer upto, reaches anything)."""
+    for l in range(upto):
+        blocks[l].forward = (lambda out: lambda *args, **kwargs: out)(outputs[upto - 1])
+    try:
+        yield
+    finally:
+        for l in range(upto):
+            del blocks[l].forward
 
 
 def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None = None, log=print) -> Artifacts:

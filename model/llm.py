@@ -87,10 +87,15 @@ def load_model(model: str | None = None, device: str | None = None):
     return m.to(device).eval(), tok
 
 
-def attention_modules(model) -> list:
-    """The self-attention modules of a Llama/Qwen2-family transformers model, in layer order."""
+def decoder_layers(model):
+    """The decoder layers (a ModuleList) of a Llama/Qwen2-family transformers model, in order."""
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None:
         raise TypeError(f"{type(model).__name__} has no .model.layers: not a Llama/Qwen2-family model")
-    return [layer.self_attn for layer in layers]
+    return layers
+
+
+def attention_modules(model) -> list:
+    """The self-attention modules of a Llama/Qwen2-family transformers model, in layer order."""
+    return [layer.self_attn for layer in decoder_layers(model)]

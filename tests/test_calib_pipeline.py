@@ -71,6 +71,13 @@ def test_kl_sensitivity_measures_each_tensor_alone_end_to_end():
     assert np.all(sk[1] < 1e-9) and np.all(sv[1] < 1e-9)
     assert np.all(sk[[0, 2], 1] > 0) and np.all(sv[[0, 2]] > 0)
     assert np.all(sv[[0, 2], 1] > sv[[0, 2], 0])      # 2-bit values cost more than 4-bit ones
+    with torch.no_grad():   # the replayed float prefix gives exactly the probe computed in full
+        pos = torch.arange(48)
+        ref = torch.log_softmax(C._forward(model, ids[0], pos, [C.FloatLayer() for _ in range(3)])[0].float(), -1)
+        lp = torch.log_softmax(C._forward(model, ids[0], pos, [C.FloatLayer(), C.FloatLayer(),
+                                                                C.OneTensorLayer("v", 2)])[0].float(), -1)
+    assert sv[2, 1] == max(float((ref.exp() * (ref - lp)).sum(-1).mean()), 0.0)
+    assert all("forward" not in vars(b) for b in model.model.layers)    # the replay is undone
     with pytest.raises(ValueError, match="kind"):
         C.OneTensorLayer("q", 4)   # the layer class calibrate imports
 
