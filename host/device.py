@@ -266,14 +266,16 @@ class SimBuffer(DeviceBuffer):
 
 class SimDevice(Device):
     """The kernel RTL on Verilator behind the same registers and memory as the board. The kernel is built for
-    the model's head_dim and G at `prepare` (the U280 configuration: 512-bit words, one engine; the first
-    build takes a few minutes and is cached in sim_build/)."""
+    the model's head_dim and G at `prepare` (512-bit words unless `word_bits` says otherwise, `engines`
+    engines placed as the card plan places them; the first build takes a few minutes and is cached in
+    sim_build/). `slr_stages` overrides the plan's SLR-crossing register stages per engine (the tests share
+    one build with the kernel tests, whose engine 1 sits in SLR1)."""
     name = "sim"
     launch_timeout_s = 120.0
     POLL_CYCLES = 1 << 20          # cycles simulated per host poll of ap_done
 
     def __init__(self, word_bits: int | None = None, max_tokens: int | None = None,
-                 engines: int = DEFAULT_ENGINES, hbm=None, progress=print):
+                 engines: int = DEFAULT_ENGINES, hbm=None, progress=print, slr_stages: tuple | None = None):
         import shutil
         if shutil.which("g++") is None:
             raise DeviceUnavailable("--board sim needs a C++ compiler (g++) to build the kernel simulator")
@@ -284,6 +286,7 @@ class SimDevice(Device):
         L.all_args(engines)  # validates the engine count
         from pmkvq_accel.sim.hbm import HbmModel
         self.word_bits, self.max_tokens, self.engines = word_bits, max_tokens, int(engines)
+        self.slr_stages = None if slr_stages is None else tuple(int(s) for s in slr_stages)
         self.hbm = hbm if hbm is not None else HbmModel()
         self.kernel_clock_mhz = self.hbm.clock_mhz   # the clock the HBM model counts cycles at
         self.progress = progress
@@ -306,7 +309,7 @@ class SimDevice(Device):
             # pseudo-channels included
             card = plan(engines=self.engines)
             cfg = KernelConfig(engines=self.engines, pcs_per_engine=card.pcs_per_engine, head_dim=head_dim,
-                               groups=group, slr_stages=card.slr_stages(), **kw)
+                               groups=group, slr_stages=self.slr_stages or card.slr_stages(), **kw)
         except ValueError as e:
             raise DeviceUnavailable(f"--board sim: the kernel cannot be built for this model: {e}") from None
         if self.progress:

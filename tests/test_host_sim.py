@@ -9,8 +9,9 @@ from pmkvq_accel.host.device import DeviceError, DeviceUnavailable, GoldenDevice
 from pmkvq_accel.sim.kernel_build import shared_test_config
 from device_compare import assert_same_cache_results, one_layer_cache
 
-_CFG = shared_test_config()     # = tests/kernel's build (shared); SimDevice places the engines the same way
-SMALL = dict(word_bits=_CFG.word_bits, max_tokens=_CFG.max_tokens, engines=_CFG.engines, progress=None)
+_CFG = shared_test_config()     # = tests/kernel's build (shared): its word width, engines, PCs and SLR stages
+SMALL = dict(word_bits=_CFG.word_bits, max_tokens=_CFG.max_tokens, engines=_CFG.engines,
+             slr_stages=_CFG.slr_stages, progress=None)
 
 
 def cache_bytes(kv):
