@@ -309,7 +309,7 @@ class SimDevice(Device):
             # pseudo-channels included
             card = plan(engines=self.engines)
             cfg = KernelConfig(engines=self.engines, pcs_per_engine=card.pcs_per_engine, head_dim=head_dim,
-                               groups=group, slr_stages=self.slr_stages or card.slr_stages(), **kw)
+                               groups=group, slr_stages=card.slr_stages() if self.slr_stages is None else self.slr_stages, **kw)
         except ValueError as e:
             raise DeviceUnavailable(f"--board sim: the kernel cannot be built for this model: {e}") from None
         if self.progress:
