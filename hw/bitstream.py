@@ -65,7 +65,7 @@ def generate_verilog(cfg: KernelConfig, out: Path, force: bool = False) -> tuple
     key = config_key(cfg)
     if not force and vfile.is_file() and kfile.is_file() and kfile.read_text().strip() == key:
         return vfile, True
-    text = kernel_verilog(cfg)
+    text = kernel_verilog(cfg, primitives=True)
     tmp = vfile.with_suffix(".v.tmp")
     tmp.write_text(text)
     tmp.replace(vfile)

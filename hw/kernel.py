@@ -24,6 +24,7 @@ from .axi import (AxiSlice, BurstWriter, ControlRegisters, ReadArbiter, ReadChan
                   axi_lite_bundle)
 from .config import DatapathConfig, WidthCode, code_of_bits, is_supported_bits
 from .control import COUNT_BITS
+from .dsp import PRIMITIVES
 from .shrink import ShrinkUnit
 
 @dataclass(frozen=True)
@@ -660,7 +661,10 @@ class Kernel(Elaboratable):
         return m
 
 
-def kernel_verilog(cfg: KernelConfig = KernelConfig()) -> str:
-    """Verilog of the whole kernel, top module `pmkvq_attn`."""
+def kernel_verilog(cfg: KernelConfig = KernelConfig(), primitives: bool = False) -> str:
+    """Verilog of the whole kernel, top module `pmkvq_attn`. `primitives`: the hand-placed DSP48E2 slices as
+    primitive instances (for Vivado and the estimates; hw/dsp.py), else as their behavioural models (for
+    simulation)."""
     k = Kernel(cfg)
-    return verilog.convert(k, name=R.KERNEL_NAME, ports=k.ports, emit_src=False)
+    return verilog.convert(k, name=R.KERNEL_NAME, platform=PRIMITIVES if primitives else None, ports=k.ports,
+                           emit_src=False)

@@ -29,6 +29,7 @@ from amaranth.back import verilog
 
 from . import regmap as R
 from .config import DatapathConfig
+from .dsp import PRIMITIVES
 
 
 BLOCKS = ("top", "unpack", "score", "weight", "mac", "shrink", "records")
@@ -206,7 +207,8 @@ def synth_commands(top: str = "top", uram: bool = True, dsp_pack: bool = True) -
             "opt_expr -fine\n"
             "wreduce\n"
             "select -clear\n"
-            "chtype -map DSP48E2 DSP48E1 t:DSP48E2\n"
+            # the slices the design instantiates itself (hw/dsp.py) are placed as built: not repacked
+            "chtype -map DSP48E2 DSP48E1 t:DSP48E2 a:pmkvq_explicit %d\n"
             "xilinx_dsp -family xc7\n"
             "chtype -map DSP48E1 DSP48E2 t:DSP48E1\n"
             "chtype -set $mul t:$__soft_mul\n"
@@ -231,7 +233,7 @@ def yosys_argv(script: str, log: str = "yosys.log") -> list[str]:
 
 def synth(block: str, cfg: DatapathConfig, keep: Path | None = None, show_path: bool = False,
           dsp_pack: bool = True) -> dict:
-    text = verilog.convert(_design(block, cfg), name="top")
+    text = verilog.convert(_design(block, cfg), name="top", platform=PRIMITIVES)
     with tempfile.TemporaryDirectory() as td:
         d = Path(keep) if keep else Path(td)
         d.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,16 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import delay, kept, mac_chain, reg
+from .arith import delay, kept, reg
 from .config import DatapathConfig
+from .dsp import P_BITS, MulAdd
 from .softmax import W_OUT, Z_OUT
 
 ACC_BITS = 64
+# |W c16 - Z| < 2^42 + 2^42 per token slot and at most 4 slots per word: a beat moves the accumulator by less
+# than this, which the wrap count of `_wide_acc` needs (< 2^46)
+BEAT_SUM_BOUND = 4 * (2 ** (W_OUT - 1 + 16) + 2 ** (Z_OUT - 2))
+assert BEAT_SUM_BOUND < 2 ** (P_BITS - 2)
 
 
 class ValueMac(wiring.Component):
@@ -77,26 +82,32 @@ class ValueMac(wiring.Component):
               for k, j in enumerate(dsp_slots) for gi in range(G)}
         cs = {(j, d): delay(m, adv, lane[j, d], skew + k, name="mcs")
               for k, j in enumerate(dsp_slots) for d in range(hd)}
-        sums = {}
-        for gi in range(G):
-            for d in range(hd):
-                # |W c| < 2^42 and |Z| < 2^42 per slot, nj <= 4: every partial sum fits the DSP's 48 bits
-                sums[gi, d], lat = mac_chain(m, adv, [(ws[j, gi], cs[j, d]) for j in dsp_slots], c_in[gi, d],
-                                             name="vc", width=48)
-        lat += skew
+        # per (head, dimension) a cascade of DSP48E2 slices (hw/dsp.py), one per DSP slot, slot k's slice
+        # registering its product k cycles after slot 0's; the last slice accumulates the run in its P
+        # (OPMODE W = P; W = 0 on a run's first beat), so the word's sum never leaves the cascade
+        lat = skew + len(dsp_slots) + 1          # a beat's sum is in the last slice's P `lat` cycles after it
         vv, valids = v1, [v1]
         for _ in range(lat - 1):
             vv = reg(m, adv, vv, name="mvt")
             valids.append(vv)
+        v_acc, c_acc = valids[lat - 2], delay(m, adv, c1, lat - 2, name="mca")   # the beat entering the P
         cc = delay(m, adv, c1, lat - 1, name="mct")
         clear, last = cc[0], cc[1]
         accs = []
         for gi in range(G):
             for d in range(hd):
-                acc = Signal(signed(ACC_BITS), name=f"acc_{gi}_{d}")
-                with m.If(adv & vv):
-                    m.d.sync += acc.eq(Mux(clear, 0, acc) + sums[gi, d])
-                accs.append(acc)
+                prev = None
+                for k, j in enumerate(dsp_slots):
+                    final = k == len(dsp_slots) - 1
+                    s = MulAdd(z="c" if k == 0 else "pcin", accumulate=final)
+                    m.submodules[f"vdsp_{gi}_{d}_{k}"] = s
+                    m.d.comb += [s.a.eq(ws[j, gi]), s.b.eq(cs[j, d]), s.ce_m.eq(adv),
+                                 s.ce_p.eq(adv & v_acc if final else adv)]
+                    m.d.comb += s.c.eq(c_in[gi, d]) if k == 0 else s.pcin.eq(prev.pcout)
+                    if final:
+                        m.d.comb += s.keep_p.eq(~c_acc[0])
+                    prev = s
+                accs.append(self._wide_acc(m, adv & vv, clear, prev.p, f"{gi}_{d}"))
         with m.If(adv):
             m.d.sync += self.o.valid.eq(vv & last)
         m.d.comb += self.o.payload.acc.eq(Cat(*accs))
@@ -105,6 +116,25 @@ class ValueMac(wiring.Component):
             busy = busy | v
         m.d.comb += self.busy.eq(busy)
         return m
+
+    @staticmethod
+    def _wide_acc(m, en, clear, p, tag):
+        """The 64-bit accumulator of a run whose low 48 bits wrap inside a slice's P: acc = hi * 2^48 + lo,
+        lo = P (unsigned), hi counting P's wraps. A beat changes P by less than 2^46 (BEAT_SUM_BOUND), so P's
+        top two bits step 11 -> 00 exactly when it wrapped upwards and 00 -> 11 when downwards; on a run's
+        first beat (P = the beat's sum) hi is P's sign. Registered on the beat after P (`en`)."""
+        hi = Signal(signed(ACC_BITS - P_BITS), name=f"acc_hi_{tag}")
+        lo = Signal(P_BITS, name=f"acc_lo_{tag}")
+        ptop = Signal(2, name=f"acc_top_{tag}")              # P's top bits after the run's previous beat
+        top = p[P_BITS - 2:]
+        up = (ptop == 0b11) & (top == 0b00)
+        down = (ptop == 0b00) & (top == 0b11)
+        # hi' = (0 if clear else hi) + step, step in {-1, 0, 1}: the clear folds into the adder's LUTs
+        step = Signal(signed(2), name=f"acc_step_{tag}")
+        m.d.comb += step.eq(Mux(clear, -top[1], Mux(up, 1, Mux(down, -1, 0))))
+        with m.If(en):
+            m.d.sync += [lo.eq(p), ptop.eq(top), hi.eq(Mux(clear, 0, hi) + step)]
+        return Cat(lo, hi)
 
     def _lut_slots(self, m, adv, slots, nz, w_in, lane):
         """The products of the 2-bit-only slots as choices, summed with -sum Z: the chain's C input per
