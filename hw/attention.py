@@ -22,6 +22,7 @@ from .arith import DelayLine
 from .buffers import MetaBuffer, ScoreBuffer
 from .config import DatapathConfig
 from .control import COUNT_BITS, JobController, job_layout
+from .macarray import MacArray, attach
 from .runstats import RunSums, ScoreMax, ValueExponent
 from .score import ScoreUnit
 from .softmax import E_STAGE as W_E_STAGE, LATENCY as W_LATENCY, WeightUnit
@@ -71,6 +72,8 @@ class DecodeAttention(wiring.Component):
         wtag_layout = data.StructLayout({"first": 1})
         m.submodules.weight = weight = WeightUnit(cfg, tag_width=wtag_layout.size)
         m.submodules.mac = mac = ValueMac(cfg)
+        m.submodules.array = array = MacArray(cfg)        # the score unit's and the MAC's DSP48E2 slices
+        attach(m, array, score=score, mac=mac)
         m.submodules.score_buf = sbuf = ScoreBuffer(cfg)
         m.submodules.meta_buf = vbuf = MetaBuffer(cfg)
         m.submodules.score_max = smax = ScoreMax(cfg)
@@ -111,6 +114,11 @@ class DecodeAttention(wiring.Component):
         m.d.comb += [unpack.i.valid.eq(ui_valid), unpack.i.payload.eq(up), ui_tag.eq(up.tag)]
         uo_tag = Signal(utag_layout)
         m.d.comb += uo_tag.eq(unpack.o.payload.tag)
+        # the array's mode is that of the beat in the unpack output (the unpack unit is one register stage and
+        # never stalls here), registered from its input; it changes only while both users are empty
+        value_mode = Signal()
+        m.d.sync += value_mode.eq(Mux(ui_valid, ui_tag.v, value_mode))
+        m.d.comb += array.value_mode.eq(value_mode)
 
         # unpack -> score unit (key side)
         sp = score.i.payload

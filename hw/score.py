@@ -23,11 +23,11 @@ from amaranth.lib.wiring import In, Out
 
 from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP, SCORE_BITS, SCORE_FRAC, TERM_LIMIT_BITS
 
-from .arith import (any_tree, bf16_fields, comb, delay, mac_chain, reg, saturate, shift_round_sat_by, shift_sat_ctl,
-                    tree_sum)
+from .arith import any_tree, bf16_fields, comb, delay, reg, saturate, shift_round_sat_by, shift_sat_ctl, tree_sum
 from .config import BY_CODE, DatapathConfig, WidthCode, by_width, wide_code
+from .dsp import P_BITS
+from .macarray import CHAIN, SCORE_A_BITS, MacArray, attach, element, expose, geometry
 
-CHAIN = 16   # products per multiply-add chain (DSP48 cascade length; the code skew costs one SRL16 per bit)
 LANE = 24    # bit offset of the upper lane of a packed DSP operand (the lower lane's chain sum is < 2^23)
 # D of the slots >= 1 (codes of <= 4 bits): |D| <= 128 * 32767 * 15 < 2^26, so ms * D is one 27 x 18 multiply
 NARROW_D_BITS = 27
@@ -52,12 +52,21 @@ class ScoreUnit(wiring.Component):
             "ntok": unsigned(cfg.field_bits["ntok"]),
             "tag": unsigned(tag_width),
         })
-        super().__init__({
+        self.block_members = {
             "i": In(stream.Signature(self.i_layout)),
             "o": Out(stream.Signature(self.o_layout)),
             "q": In(g * hd * 16),       # query codes, signed 16-bit, index g*head_dim + d
             "qexp": In(g * 16),         # query exponents, signed 16-bit
             "busy": Out(1),             # a beat is inside the pipeline
+        }
+        npair, _chain, nchain = geometry(cfg)
+        super().__init__({
+            **self.block_members,
+            # the dot products run on the shared multiply array (hw/macarray.py): operands out, sums in
+            "arr_a": Out(npair * hd * SCORE_A_BITS),
+            "arr_q": Out(g * hd * 16),
+            "arr_ce": Out(1),
+            "arr_sum": In(g * npair * nchain * P_BITS),
         })
 
     def _packed(self, m, p, k, d, wide):
@@ -74,6 +83,7 @@ class ScoreUnit(wiring.Component):
         if nj == 1:
             return lane(0) | p.sq                   # the S_Q beat: ones in slot 0
         assert LANE >= (CHAIN * 32767 * 15).bit_length() + 1     # the lower lane fits, signed
+        assert LANE + 2 == SCORE_A_BITS
         lo, hi = lane(k), lane(k + nj // 2)[14:16]
         if k == 0:
             lo = lo | p.sq                          # the S_Q beat: ones in slot 0
@@ -102,24 +112,25 @@ class ScoreUnit(wiring.Component):
         valids.append(v1)
         ctl_fields = Cat(p.kmeta, p.lb, p.ntok, p.first, p.last, p.sq, p.tag)
         ctl1 = reg(m, adv, ctl_fields, name="ctl1")
-        chain = min(CHAIN, hd)
-        npair = max(1, nj // 2)
+        npair, chain, nchain = geometry(cfg)
         wide = wide_code(p.lb) | p.sq          # 8/16-bit codes (slot 0 only) or the S_Q beat
-        codes = {}
         for k in range(npair):
             for d in range(hd):
-                codes[k, d] = delay(m, adv, self._packed(m, p, k, d, wide), d % chain, name="ck")
+                code = delay(m, adv, self._packed(m, p, k, d, wide), d % chain, name="ck")
+                m.d.comb += element(self.arr_a, k * hd + d, SCORE_A_BITS).eq(code)
+        m.d.comb += [self.arr_q.eq(self.q), self.arr_ce.eq(adv)]
+        clat = chain + 1          # a cascade's sum, lane d entering d % chain cycles late, `clat` after the beat
+        # one lane (nj = 1): |Q c16| < 2^31 over `chain` products; the sum's bits above are its sign
+        full_bits = 33 + (chain - 1).bit_length()
         sums = {}
         lat = 0
         for gi in range(G):
-            qd = [self.q[(gi * hd + d) * 16:(gi * hd + d + 1) * 16].as_signed() for d in range(hd)]
             for k in range(npair):
                 full, lo, hi = [], [], []
-                for c0 in range(0, hd, chain):
-                    part, clat = mac_chain(m, adv, [(qd[d], codes[k, d]) for d in range(c0, c0 + chain)],
-                                           name="dc", width=48 if nj > 1 else None)
+                for ci in range(nchain):
+                    part = element(self.arr_sum, (gi * npair + k) * nchain + ci, P_BITS).as_signed()
                     if nj == 1:
-                        full.append(part)
+                        full.append(part[0:full_bits].as_signed())
                         continue
                     if k == 0:
                         full.append(part)
@@ -241,4 +252,23 @@ class ScoreUnit(wiring.Component):
                 self.o.payload.tag.eq(ctlc[ntok_w:]),
             ]
         m.d.comb += self.busy.eq(any_tree(m, Cat(*valids, self.o.valid), name="busy"))
+        return m
+
+
+class ScoreBlock(wiring.Component):
+    """The score unit on a multiply array of its own (the array in score mode): the block as tested and
+    synthesised alone; the engine's datapath shares one array between the score unit and the value MAC."""
+
+    def __init__(self, cfg: DatapathConfig, tag_width: int = 1):
+        self.unit = ScoreUnit(cfg, tag_width)
+        self.i_layout, self.o_layout = self.unit.i_layout, self.unit.o_layout
+        super().__init__(self.unit.block_members)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.unit = self.unit
+        m.submodules.array = array = MacArray(self.unit.cfg)
+        expose(m, self, self.unit)
+        attach(m, array, score=self.unit)
+        m.d.comb += array.value_mode.eq(0)
         return m

@@ -43,14 +43,14 @@ def _design(block: str, cfg: DatapathConfig):
         from .unpack import Unpack
         return Unpack(cfg, tag_width=1)
     if block == "score":
-        from .score import ScoreUnit
-        return ScoreUnit(cfg, tag_width=1)
+        from .score import ScoreBlock
+        return ScoreBlock(cfg, tag_width=1)
     if block == "weight":
         from .softmax import WeightUnit
         return WeightUnit(cfg, tag_width=1)
     if block == "mac":
-        from .values import ValueMac
-        return ValueMac(cfg)
+        from .values import MacBlock
+        return MacBlock(cfg)
     if block == "shrink":
         from .shrink import ShrinkUnit
         return ShrinkUnit(cfg.word_bits)

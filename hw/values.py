@@ -2,8 +2,9 @@
 (docs/numerics.md section 7).
 
 Token slots that can hold codes wider than 2 bits (`DatapathConfig.slot_bits`) multiply in DSPs: per
-(head, dimension) one systolic multiply-add chain over those slots (DSP48 cascade; the k-th slot of the
-chain is skewed by k cycles), then a 64-bit accumulator. Slots that only ever hold 2-bit codes (slots
+(head, dimension) one cascade of DSP48E2 slices over those slots (hw/dsp.py; the k-th slot of the chain is
+skewed by k cycles) whose last slice accumulates the run in its P; a count of P's wraps in fabric extends
+it to the 64-bit accumulator. Slots that only ever hold 2-bit codes (slots
 2 and 3 of a 512-bit word at head_dim 64) need no multiplier: W * c16 = (c * W) << 14 for c in 0..3 is a
 choice among 0, W, 2W and 3W, with 3W formed once per (slot, head) and shared by every dimension. The
 first such slot chooses among -sum_j Z + a * W << 14 instead (the Z sum folded into its candidates),
@@ -23,7 +24,8 @@ from amaranth.lib.wiring import In, Out
 
 from .arith import delay, kept, reg
 from .config import DatapathConfig
-from .dsp import P_BITS, MulAdd
+from .dsp import P_BITS
+from .macarray import MacArray, attach, dsp_slots, element, expose
 from .softmax import W_OUT, Z_OUT
 
 ACC_BITS = 64
@@ -46,10 +48,20 @@ class ValueMac(wiring.Component):
             "clear": 1, "last": 1,
         })
         self.o_layout = data.StructLayout({"acc": unsigned(G * hd * ACC_BITS)})  # (g, d) at (g*hd + d)*64
-        super().__init__({
+        self.block_members = {
             "i": In(stream.Signature(self.i_layout)),
             "o": Out(stream.Signature(self.o_layout)),
             "busy": Out(1),
+        }
+        nds = len(dsp_slots(cfg))
+        super().__init__({
+            **self.block_members,
+            # the DSP slots run on the shared multiply array (hw/macarray.py): operands out, the sums in
+            "arr_d": Out(nds * G * W_OUT),
+            "arr_b": Out(nds * hd * 16),
+            "arr_c": Out(G * hd * P_BITS),
+            "arr_ce": Out(1), "arr_ce_tail": Out(1), "arr_keep": Out(1),
+            "arr_p": In(G * hd * P_BITS),
         })
 
     def elaborate(self, platform):
@@ -70,7 +82,7 @@ class ValueMac(wiring.Component):
         w_in = {(j, gi): p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed()
                 for j in range(nj) for gi in range(G)}
         lane = {(j, d): p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16] for j in range(nj) for d in range(hd)}
-        dsp_slots = [j for j in range(nj) if cfg.slot_bits(j) > 2]
+        dslots = dsp_slots(cfg)
         lut_slots = [j for j in range(nj) if cfg.slot_bits(j) == 2]
         if lut_slots:
             c_in, skew = self._lut_slots(m, adv, lut_slots, nz, w_in, lane)
@@ -79,13 +91,13 @@ class ValueMac(wiring.Component):
         # the chains: the k-th DSP slot's operands delayed by skew + k cycles (c_in arrives skew + 1 cycles
         # after the beat); a word's sum is ready `lat` cycles after it
         ws = {(j, gi): delay(m, adv, w_in[j, gi], skew + k, name="mws")
-              for k, j in enumerate(dsp_slots) for gi in range(G)}
+              for k, j in enumerate(dslots) for gi in range(G)}
         cs = {(j, d): delay(m, adv, lane[j, d], skew + k, name="mcs")
-              for k, j in enumerate(dsp_slots) for d in range(hd)}
-        # per (head, dimension) a cascade of DSP48E2 slices (hw/dsp.py), one per DSP slot, slot k's slice
-        # registering its product k cycles after slot 0's; the last slice accumulates the run in its P
-        # (OPMODE W = P; W = 0 on a run's first beat), so the word's sum never leaves the cascade
-        lat = skew + len(dsp_slots) + 1          # a beat's sum is in the last slice's P `lat` cycles after it
+              for k, j in enumerate(dslots) for d in range(hd)}
+        # per (head, dimension) a chain of the multiply array's slices, one per DSP slot (slot k's product
+        # registered k cycles after slot 0's), the first adding c_in, the last accumulating the run in its P
+        # (W = P; W = 0 on a run's first beat): the word's sum never leaves the cascade
+        lat = skew + len(dslots) + 1          # a beat's sum is in the last slice's P `lat` cycles after it
         vv, valids = v1, [v1]
         for _ in range(lat - 1):
             vv = reg(m, adv, vv, name="mvt")
@@ -93,21 +105,17 @@ class ValueMac(wiring.Component):
         v_acc, c_acc = valids[lat - 2], delay(m, adv, c1, lat - 2, name="mca")   # the beat entering the P
         cc = delay(m, adv, c1, lat - 1, name="mct")
         clear, last = cc[0], cc[1]
+        for kk, j in enumerate(dslots):
+            for gi in range(G):
+                m.d.comb += element(self.arr_d, kk * G + gi, W_OUT).eq(ws[j, gi])
+            for d in range(hd):
+                m.d.comb += element(self.arr_b, kk * hd + d, 16).eq(cs[j, d])
+        m.d.comb += [self.arr_ce.eq(adv), self.arr_ce_tail.eq(adv & v_acc), self.arr_keep.eq(~c_acc[0])]
         accs = []
         for gi in range(G):
             for d in range(hd):
-                prev = None
-                for k, j in enumerate(dsp_slots):
-                    final = k == len(dsp_slots) - 1
-                    s = MulAdd(z="c" if k == 0 else "pcin", accumulate=final)
-                    m.submodules[f"vdsp_{gi}_{d}_{k}"] = s
-                    m.d.comb += [s.a.eq(ws[j, gi]), s.b.eq(cs[j, d]), s.ce_m.eq(adv),
-                                 s.ce_p.eq(adv & v_acc if final else adv)]
-                    m.d.comb += s.c.eq(c_in[gi, d]) if k == 0 else s.pcin.eq(prev.pcout)
-                    if final:
-                        m.d.comb += s.keep_p.eq(~c_acc[0])
-                    prev = s
-                accs.append(self._wide_acc(m, adv & vv, clear, prev.p, f"{gi}_{d}"))
+                m.d.comb += element(self.arr_c, gi * hd + d, P_BITS).eq(c_in[gi, d])
+                accs.append(self._wide_acc(m, adv & vv, clear, element(self.arr_p, gi * hd + d, P_BITS), f"{gi}_{d}"))
         with m.If(adv):
             m.d.sync += self.o.valid.eq(vv & last)
         m.d.comb += self.o.payload.acc.eq(Cat(*accs))
@@ -179,6 +187,25 @@ class ValueMac(wiring.Component):
                 hi = _choose(code2[d], cand[gi]) + sum(chosen[j, gi, d] for j in rest)
                 c_in[gi, d] = reg(m, adv, Cat(nz_lo[gi], hi), signed(48), name="lcin")
         return c_in, 2
+
+
+class MacBlock(wiring.Component):
+    """The value MAC on a multiply array of its own (the array in value mode): the block as tested and
+    synthesised alone; the engine's datapath shares one array between the score unit and the value MAC."""
+
+    def __init__(self, cfg: DatapathConfig):
+        self.unit = ValueMac(cfg)
+        self.i_layout, self.o_layout = self.unit.i_layout, self.unit.o_layout
+        super().__init__(self.unit.block_members)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.unit = self.unit
+        m.submodules.array = array = MacArray(self.unit.cfg)
+        expose(m, self, self.unit)
+        attach(m, array, mac=self.unit)
+        m.d.comb += array.value_mode.eq(1)
+        return m
 
 
 def _choose(c, options):

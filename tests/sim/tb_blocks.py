@@ -116,8 +116,8 @@ async def test_score(dut):
     c, cfg = _cfg()
     if c["block"] != "score":
         return
-    from pmkvq_accel.hw.score import ScoreUnit
-    tb, il, ol = await _bench(dut, c, ScoreUnit(cfg, c["tag_width"]))
+    from pmkvq_accel.hw.score import ScoreBlock
+    tb, il, ol = await _bench(dut, c, ScoreBlock(cfg, c["tag_width"]))
     G, hd, nj = cfg.groups, cfg.head_dim, cfg.nj
     for n_job, spec in enumerate(c["jobs"]):
         rng = np.random.default_rng(c["seed"] * 100 + n_job)
@@ -223,8 +223,8 @@ async def test_mac(dut):
     c, cfg = _cfg()
     if c["block"] != "mac":
         return
-    from pmkvq_accel.hw.values import ValueMac
-    tb, il, ol = await _bench(dut, c, ValueMac(cfg))
+    from pmkvq_accel.hw.values import MacBlock
+    tb, il, ol = await _bench(dut, c, MacBlock(cfg))
     G, hd, nj = cfg.groups, cfg.head_dim, cfg.nj
     rng = np.random.default_rng(c["seed"])
     for n_run, length in enumerate(c["runs"]):

@@ -4,10 +4,10 @@ import os
 import pytest
 
 from pmkvq_accel.hw.config import DatapathConfig
-from pmkvq_accel.hw.score import ScoreUnit
+from pmkvq_accel.hw.score import ScoreBlock
 from pmkvq_accel.hw.softmax import WeightUnit
 from pmkvq_accel.hw.unpack import Unpack
-from pmkvq_accel.hw.values import ValueMac
+from pmkvq_accel.hw.values import MacBlock
 from pmkvq_accel.sim import runner
 
 TB = "tb_blocks"   # tests/sim/tb_blocks.py (pytest puts this folder on sys.path, the runner passes it on)
@@ -47,7 +47,7 @@ DP_PACKED = dict(word_bits=256, head_dim=64, groups=1)
                                 WIDE])
 def test_score(dp, tmp_path):
     cfg = DatapathConfig(**dp)
-    _run("score", lambda: ScoreUnit(cfg, tag_width=12), dp, tmp_path, tag_width=12, jobs=JOBS)
+    _run("score", lambda: ScoreBlock(cfg, tag_width=12), dp, tmp_path, tag_width=12, jobs=JOBS)
 
 
 @pytest.mark.parametrize("dp", [pytest.param(DP_SMALL, id="w128hd64"), WIDE])
@@ -60,7 +60,7 @@ def test_weight(dp, tmp_path):
                                 pytest.param(dict(word_bits=512, head_dim=64, groups=1), id="w512hd64g1"), WIDE])
 def test_mac(dp, tmp_path):
     cfg = DatapathConfig(**dp)
-    _run("mac", lambda: ValueMac(cfg), dp, tmp_path, runs=[1, 2, 17, 60])
+    _run("mac", lambda: MacBlock(cfg), dp, tmp_path, runs=[1, 2, 17, 60])
 
 
 @pytest.mark.parametrize("word_bits,lane_bits", [(512, None), (512, 512), (256, None), (128, None), (64, None)])
