@@ -294,29 +294,6 @@ def split_mul(m, a, b, dsp_bits, name="sm"):
     return Cat(lo[0:dsp_bits], lo[dsp_bits:].as_signed() + comb(m, hi[0], None, name)).as_signed()
 
 
-def mac_chain(m, adv, pairs, c_in=None, name="mc", width=None):
-    """sum_k a_k * b_k (+ c_in) as a systolic multiply-add chain, the DSP48 cascade form: stage k registers
-    its product (MREG) and then p_k = product_k + p_(k-1) (PREG; p_(k-1) arrives over PCOUT -> PCIN).
-    The pair of stage k must be presented k cycles after the pair of stage 0 (the caller skews them with
-    `delay`); `c_in` (optional) is added at stage 0 one cycle after pair 0 (the DSP's C input).
-    `width` (default: wide enough for any operands) bounds the partial sums when the caller knows the
-    magnitudes: a DSP48's P is 48 bits, and a wider chain stays in fabric.
-    Returns (sum, latency): the sum of the pairs presented from cycle t on is valid at t + latency."""
-    prods = [a * b for a, b in pairs]
-    terms = len(prods) + (c_in is not None)
-    if width is None:
-        width = max([len(p) for p in prods] + ([len(c_in)] if c_in is not None else [])) + (terms - 1).bit_length()
-    acc = None
-    for k, prod in enumerate(prods):
-        prod = reg(m, adv, prod, name=name + "_m")
-        if acc is None:
-            acc = prod if c_in is None else prod + c_in
-        else:
-            acc = prod + acc
-        acc = reg(m, adv, acc, signed(width), name=name + "_p")
-    return acc, len(prods) + 1
-
-
 class DelayLine(wiring.Component):
     """A stream without back-pressure delayed by `stages` register stages (valid and payload; the registers
     reset, so the valid chain starts empty)."""
