@@ -135,3 +135,24 @@ def expose(m, outer, inner):
             wiring.connect(m, wiring.flipped(o), i)
         else:
             wiring.connect(m, i, wiring.flipped(o))
+
+
+class UnitOnArray(wiring.Component):
+    """A score unit (`role` "score") or a value MAC ("mac") on a multiply array of its own, held in that
+    unit's mode: the block as tested and synthesised alone (the engine's datapath shares one array)."""
+
+    def __init__(self, unit, role: str):
+        if role not in ("score", "mac"):
+            raise ValueError(f"UnitOnArray role {role!r}: use 'score' or 'mac'")
+        self.unit, self.role = unit, role
+        self.i_layout, self.o_layout = unit.i_layout, unit.o_layout
+        super().__init__(unit.block_members)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.unit = self.unit
+        m.submodules.array = array = MacArray(self.unit.cfg)
+        expose(m, self, self.unit)
+        attach(m, array, **{self.role: self.unit})
+        m.d.comb += array.value_mode.eq(self.role == "mac")
+        return m

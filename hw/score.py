@@ -26,7 +26,7 @@ from pmkvq_accel.model.formats import BF16_EXP_BIAS, BF16_SUBNORMAL_EXP, SCORE_B
 from .arith import any_tree, bf16_fields, comb, delay, reg, saturate, shift_round_sat_by, shift_sat_ctl, tree_sum
 from .config import BY_CODE, DatapathConfig, WidthCode, by_width, wide_code
 from .dsp import P_BITS
-from .macarray import CHAIN, SCORE_A_BITS, MacArray, attach, element, expose, geometry
+from .macarray import CHAIN, SCORE_A_BITS, UnitOnArray, element, geometry
 
 LANE = 24    # bit offset of the upper lane of a packed DSP operand (the lower lane's chain sum is < 2^23)
 # D of the slots >= 1 (codes of <= 4 bits): |D| <= 128 * 32767 * 15 < 2^26, so ms * D is one 27 x 18 multiply
@@ -255,20 +255,6 @@ class ScoreUnit(wiring.Component):
         return m
 
 
-class ScoreBlock(wiring.Component):
-    """The score unit on a multiply array of its own (the array in score mode): the block as tested and
-    synthesised alone; the engine's datapath shares one array between the score unit and the value MAC."""
-
-    def __init__(self, cfg: DatapathConfig, tag_width: int = 1):
-        self.unit = ScoreUnit(cfg, tag_width)
-        self.i_layout, self.o_layout = self.unit.i_layout, self.unit.o_layout
-        super().__init__(self.unit.block_members)
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.unit = self.unit
-        m.submodules.array = array = MacArray(self.unit.cfg)
-        expose(m, self, self.unit)
-        attach(m, array, score=self.unit)
-        m.d.comb += array.value_mode.eq(0)
-        return m
+def ScoreBlock(cfg: DatapathConfig, tag_width: int = 1) -> UnitOnArray:
+    """The score unit on an array of its own (hw/macarray.UnitOnArray)."""
+    return UnitOnArray(ScoreUnit(cfg, tag_width), "score")

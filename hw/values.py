@@ -25,7 +25,7 @@ from amaranth.lib.wiring import In, Out
 from .arith import delay, kept, reg
 from .config import DatapathConfig
 from .dsp import P_BITS
-from .macarray import MacArray, attach, dsp_slots, element, expose
+from .macarray import UnitOnArray, dsp_slots, element
 from .softmax import W_OUT, Z_OUT
 
 ACC_BITS = 64
@@ -189,23 +189,10 @@ class ValueMac(wiring.Component):
         return c_in, 2
 
 
-class MacBlock(wiring.Component):
-    """The value MAC on a multiply array of its own (the array in value mode): the block as tested and
-    synthesised alone; the engine's datapath shares one array between the score unit and the value MAC."""
+def MacBlock(cfg: DatapathConfig) -> UnitOnArray:
+    """The value MAC on an array of its own (hw/macarray.UnitOnArray)."""
+    return UnitOnArray(ValueMac(cfg), "mac")
 
-    def __init__(self, cfg: DatapathConfig):
-        self.unit = ValueMac(cfg)
-        self.i_layout, self.o_layout = self.unit.i_layout, self.unit.o_layout
-        super().__init__(self.unit.block_members)
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.unit = self.unit
-        m.submodules.array = array = MacArray(self.unit.cfg)
-        expose(m, self, self.unit)
-        attach(m, array, mac=self.unit)
-        m.d.comb += array.value_mode.eq(1)
-        return m
 
 
 def _choose(c, options):
