@@ -5,7 +5,8 @@ One memory port: `data` takes one memory word per cycle, in the order written by
 
   key pass    for each segment, for each group of mpw tokens: 1 key-metadata word, then its key code words
   value meta  for each segment: ceil(n / mpw) value-metadata words (stored on chip; E is computed here)
-  value pass  for each segment: its value code words
+  value pass  for each segment: its value code words (a word with more tokens than the value pass has slots,
+              2-bit codes, in two beats: its lower half, then its upper half; `DatapathConfig.value_halves`)
 
 `job` carries the descriptor (query codes and exponents, segments (count, key width, value width)).
 Scores are kept on chip (one buffer entry per mpw tokens) with the run maximum M; the value pass then
@@ -53,7 +54,7 @@ class DecodeAttention(wiring.Component):
 
     def elaborate(self, platform):
         cfg = self.cfg
-        W, HD, G, NJ = cfg.word_bits, cfg.head_dim, cfg.groups, cfg.nj
+        W, HD, G, NJ, NV = cfg.word_bits, cfg.head_dim, cfg.groups, cfg.nj, cfg.value_slots
         f = cfg.field_bits
         m = Module()
         data_in = self.data
@@ -93,7 +94,7 @@ class DecodeAttention(wiring.Component):
         # (the key beat's token count and lane metadata are logic on the controller's registers); the value
         # words' delay line is one stage shorter for it
         dl_layout = data.StructLayout({"word": unsigned(W), "lb": unsigned(2), "wi": unsigned(f["wi"]),
-                                       "ntok": unsigned(f["ntok"]), "tag": utag_layout})
+                                       "ntok": unsigned(f["ntok"]), "half": 1, "tag": utag_layout})
         m.submodules.delay = delay = DelayLine(dl_layout, W_LATENCY - 1)
         key_tag = Signal(utag_layout)
         m.d.comb += [key_tag.gl.eq(ctl.gl), key_tag.entry.eq(ctl.entry), key_tag.lb.eq(ctl.lb),
@@ -104,7 +105,9 @@ class DecodeAttention(wiring.Component):
         up = Signal(unpack.i_layout)
         m.d.sync += [
             ui_valid.eq(ctl.key_valid | vd.valid),
-            up.word.eq(Mux(vd.valid, vd.payload.word, Mux(ctl.key_valid, data_in.payload, 0))),
+            # a value beat that is a word's upper half takes that half into the unpacker's lower slots
+            up.word.eq(Mux(vd.valid, Mux(vd.payload.half, vd.payload.word[W // 2:], vd.payload.word),
+                           Mux(ctl.key_valid, data_in.payload, 0))),
             up.lb.eq(Mux(vd.valid, vd.payload.lb, ctl.lb)),
             up.wi.eq(Mux(vd.valid, vd.payload.wi, ctl.wi)),
             up.ntok.eq(Mux(vd.valid, vd.payload.ntok, Mux(ctl.sq, 0, ctl.ntok))),
@@ -176,7 +179,7 @@ class DecodeAttention(wiring.Component):
         # delay line, one in the unpack input register
         vin = delay.i.payload
         m.d.comb += [delay.i.valid.eq(ctl.value_valid), vin.word.eq(data_in.payload), vin.lb.eq(ctl.lb),
-                     vin.wi.eq(ctl.wi), vin.ntok.eq(ctl.ntok),
+                     vin.wi.eq(ctl.wi), vin.ntok.eq(ctl.ntok), vin.half.eq(ctl.half),
                      vin.tag.v.eq(1), vin.tag.clear.eq(ctl.value_clear), vin.tag.vlast.eq(ctl.value_last)]
 
         # weights + unpacked value codes -> MAC; p and Z sums per head
@@ -188,7 +191,7 @@ class DecodeAttention(wiring.Component):
             sums.valid.eq(weight.o.valid), sums.first.eq(wo_tag.first), sums.ntok.eq(wo.ntok),
             sums.p.eq(wo.p), sums.z_in.eq(wo.z), sums.clear.eq(ctl.start),
             mac.i.valid.eq(unpack.o.valid & uo_tag.v),
-            mp.c16.eq(unpack.o.payload.c16), mp.w.eq(wo.w), mp.z.eq(sums.z),
+            mp.c16.eq(unpack.o.payload.c16[:NV * HD * 16]), mp.w.eq(wo.w), mp.z.eq(sums.z),
             mp.clear.eq(uo_tag.clear), mp.last.eq(uo_tag.vlast),
         ]
 

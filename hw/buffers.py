@@ -1,7 +1,7 @@
 """The datapath's on-chip token buffers: one entry per group of mpw tokens, lane t of an entry is token t
 of the group. The key pass writes the scores (`ScoreBuffer`), the value-metadata words are stored as they
-arrive (`MetaBuffer`); the value pass reads both at the same entry and takes the lanes gl .. gl + nj - 1 of
-its word. Reads are synchronous: `rgl` is the lane of the word whose `raddr` was given a cycle earlier."""
+arrive (`MetaBuffer`); the value pass reads both at the same entry and takes the lanes gl .. gl + nv - 1 of
+its beat (nv = `cfg.value_slots`). Reads are synchronous: `rgl` is the lane of the word whose `raddr` was given a cycle earlier."""
 from __future__ import annotations
 
 from amaranth.hdl import Array, Cat, Module, unsigned
@@ -17,12 +17,12 @@ def _ports(cfg: DatapathConfig, lane_bits: int, what: str) -> dict:
     if not isinstance(cfg, DatapathConfig):
         raise TypeError(f"{what} needs a DatapathConfig, got {cfg!r}")
     f = cfg.field_bits
-    return {"waddr": In(f["entry"]), "raddr": In(f["entry"]), "rgl": In(f["gl"]), "lanes": Out(cfg.nj * lane_bits)}
+    return {"waddr": In(f["entry"]), "raddr": In(f["entry"]), "rgl": In(f["gl"]), "lanes": Out(cfg.value_slots * lane_bits)}
 
 
 def _read_lanes(cfg, rd_data, lane_bits, rgl):
     lanes = Array(rd_data[i * lane_bits:(i + 1) * lane_bits] for i in range(cfg.mpw))
-    return Cat(*[lanes[rgl + j] for j in range(cfg.nj)])
+    return Cat(*[lanes[rgl + j] for j in range(cfg.value_slots)])
 
 
 class ScoreBuffer(wiring.Component):

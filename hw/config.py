@@ -16,6 +16,7 @@ from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS, SUPPORTED_BITS, code_b
 WORD_BITS = (64, 128, 256, 512)
 HEAD_DIMS = (64, 128)
 MAX_GROUPS = 8
+MAX_VALUE_SLOTS = max(1, max(WORD_BITS) // (2 * min(HEAD_DIMS)) // 2)   # DatapathConfig.value_slots at most
 
 
 class WidthCode(enum.Enum, shape=2):
@@ -98,6 +99,22 @@ class DatapathConfig:
     def nj(self) -> int:
         """Token slots per word: the most tokens one word can hold (2-bit codes)."""
         return max(1, self.word_bits // (2 * self.head_dim))
+
+    @property
+    def value_slots(self) -> int:
+        """Token slots of the value pass (weights, run sums, MAC): max(1, nj / 2), the tokens of a 4-bit word.
+        A value word holding more tokens (2-bit codes, nj >= 2) takes two cycles, its halves one after the
+        other (`value_halves`)."""
+        return max(1, self.nj // 2)
+
+    def value_tpw(self, bits: int) -> int:
+        """Tokens per value-pass beat at this width (0 when one token spans several words)."""
+        return min(self.tpw(bits), self.value_slots)
+
+    def value_halves(self, bits: int) -> int:
+        """Beats (cycles) per value word at this width: 2 where a word holds more tokens than the value
+        pass has slots (its second beat takes the word's upper half), else 1."""
+        return 2 if self.tpw(bits) > self.value_slots else 1
 
     @property
     def mpw(self) -> int:

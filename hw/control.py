@@ -6,6 +6,11 @@ S_Q beat first), a value-metadata word for the buffer and E (`meta_valid`), or a
 line (`value_valid`), with the word's fields (`gl`, `entry`, `lb`, `wi`, `ntok`, `w_first`, `w_last`, the key
 metadata lanes). After the value pass it hands out the G result beats (`head`, `result_valid`).
 
+Value words that hold more tokens than the value pass has slots (2-bit codes, `cfg.value_halves`) are two
+beats: the word stays on the port (`word_ready` low) for its first half, `half` says which half a beat is, and
+the token fields (`gl`, `ntok`) count `cfg.value_tpw` tokens per beat; a word whose tokens fit in one half (the
+end of a group) is one beat.
+
 Timing: every decision that fans out to the controller's registers is a register or a kept LUT output of
 registers (`arith.kept`, `arith.select_update`), so the next-state logic only selects between candidates
 (docs/hardware.md, "LUT levels").
@@ -56,6 +61,7 @@ class JobController(wiring.Component):
             # the current word's fields
             "entry": Out(f["entry"]), "gl": Out(f["gl"]), "lb": Out(2), "wi": Out(f["wi"]),
             "ntok": Out(f["ntok"]), "w_first": Out(1), "w_last": Out(1), "kmeta": Out(NJ * 32),
+            "half": Out(1),              # a value beat is the upper half of its word (value_halves)
             "seg_vlb": Out(2),           # the current segment's value width (the E lanes' b)
             "rem": Out(COUNT_BITS),      # tokens of the segment from this group on
             "head": Out(range(G + 1)), "result_valid": Out(1), "mac_ready": Out(1),
@@ -95,7 +101,15 @@ class JobController(wiring.Component):
         first_v = Signal()
 
         lb = self.lb           # width of segment s on the current pass (klb in SQ/KMETA/KCODE, vlb in VCODE)
-        tpw = comb(m, Array(Const(cfg.tpw(w.bits), gl_bits) for w in BY_CODE)[lb], unsigned(gl_bits), "tpw")
+        # "the state is KCODE" / "VCODE" as registers written with the state (`go`): the events below then
+        # start from registers, not from decodes of the state, which ABC chained
+        in_k, in_v = Signal(), Signal()
+
+        def tpw_of(value_pass, bits):
+            """Tokens per beat: per word on the key pass, per value beat (half word or word) on the value pass."""
+            return cfg.value_tpw(bits) if value_pass else cfg.tpw(bits)
+        tpw = comb(m, Array(Const(tpw_of(vp, w.bits), gl_bits) for vp in (False, True) for w in BY_CODE)[Cat(lb, in_v)],
+                   unsigned(gl_bits), "tpw")
         wpt_m1 = comb(m, Array(Const(cfg.wpt(w.bits) - 1, wi_bits) for w in BY_CODE)[lb], unsigned(wi_bits), "wptm1")
         multi = comb(m, tpw == 0, unsigned(1), "multi")
         gtok_of = lambda r: Mux(r > MPW, MPW, r)   # noqa: E731
@@ -119,9 +133,9 @@ class JobController(wiring.Component):
         gd_next_word = comb(m, Mux(multi, ~w_last & (wi + 1 == wpt_m1) & (left == 1), left <= 2 * tpw),
                             unsigned(1), "gd_next")
 
-        def gd_new_group(r, lb_new):
-            """A new group of min(r, MPW) tokens at width lb_new is one word: r <= tpw (never for multi-word)."""
-            t = Array(Const(cfg.tpw(w.bits), gl_bits) for w in BY_CODE)[lb_new]
+        def gd_new_group(r, lb_new, value_pass):
+            """A new group of min(r, MPW) tokens at width lb_new is one beat: r <= tpw (never for multi-word)."""
+            t = Array(Const(tpw_of(value_pass, w.bits), gl_bits) for w in BY_CODE)[lb_new]
             return (t != 0) & (r <= t)
         last_grp = Signal()      # rem == gtok (= rem <= MPW), kept as a register: set with gtok
 
@@ -174,10 +188,13 @@ class JobController(wiring.Component):
         vm_seg = kept(m, rem_le & ~last_seg, unsigned(1), "vm_seg")     # VMETA: a segment's last word
 
         valid = self.word_valid
-        v_accept = kept(m, valid & self.v_go, unsigned(1), "v_accept")   # a value word, in VCODE
-        # "the state is KCODE" / "VCODE" as registers written with the state (`go`): the events below then
-        # start from registers, not from decodes of the state, which ABC chained
-        in_k, in_v = Signal(), Signal()
+        v_accept = kept(m, valid & self.v_go, unsigned(1), "v_accept")   # a value beat, in VCODE
+        # two-beat value words: `half` is set after a word's first beat and cleared by its second (or a group end)
+        half = self.half
+        if any(cfg.value_halves(w.bits) == 2 for w in BY_CODE):
+            split = comb(m, Array(Const(cfg.value_halves(w.bits) == 2, 1) for w in BY_CODE)[lb], unsigned(1), "split")
+        else:
+            split = Const(0, 1)
 
         def go(state):
             m.next = state
@@ -185,7 +202,7 @@ class JobController(wiring.Component):
 
         def end_of_group(group_state, after_last, value_pass):
             """Book-keeping at the end of a group: next group, next segment or the next phase."""
-            m.d.sync += [entry.eq(entry + 1), gl.eq(0), wi.eq(0)]
+            m.d.sync += [entry.eq(entry + 1), gl.eq(0), wi.eq(0), half.eq(0)]
             with m.If(pass_end | seg_next):
                 with m.If(pass_end):
                     seg_first()
@@ -200,8 +217,10 @@ class JobController(wiring.Component):
                 next_group()
                 go(group_state)
 
-        def next_word():
+        def next_word(value_pass=False):
             m.d.sync += [gl.eq(gl_next), wi.eq(Mux(w_last, 0, wi + 1)), left.eq(left - gl_step)]
+            if value_pass:
+                m.d.sync += half.eq(split & ~half)
 
         m.d.comb += [self.value_clear.eq(first_v), self.value_last.eq(pass_end)]
 
@@ -213,7 +232,7 @@ class JobController(wiring.Component):
                     m.d.sync += [self.q.eq(jp.q), self.qexp.eq(jp.qexp), nseg.eq(jp.nseg), counts.eq(jp.count),
                                  klbs.eq(jp.klb), vlbs.eq(jp.vlb), s.eq(0), last_seg.eq(jp.nseg <= 1),
                                  rem.eq(jp.count[0:COUNT_BITS]), entry.eq(0), gl.eq(0), wi.eq(0),
-                                 first_v.eq(1), head.eq(0), cur_cnt.eq(jp.count), cur_klb.eq(jp.klb),
+                                 first_v.eq(1), head.eq(0), half.eq(0), cur_cnt.eq(jp.count), cur_klb.eq(jp.klb),
                                  cur_vlb.eq(jp.vlb), lb.eq(jp.klb[0:2])]
                     m.d.comb += self.start.eq(1)
                     go("SQ")
@@ -250,13 +269,15 @@ class JobController(wiring.Component):
             with m.State("VCODE"):
                 # the first value word waits for `v_go` (key scores still in flight in short runs); E is
                 # final by the time the weight unit reads it (asserted in hw/attention.py)
-                m.d.comb += [self.word_ready.eq(self.v_go), self.value_valid.eq(valid & self.v_go)]
+                # a two-beat word is taken with its second beat (or with a group's last beat)
+                m.d.comb += [self.word_ready.eq(self.v_go & (~split | half | grp_done)),
+                             self.value_valid.eq(valid & self.v_go)]
                 with m.If(v_accept):
                     m.d.sync += first_v.eq(0)
                     with m.If(grp_done):
                         end_of_group("VCODE", "DRAIN", True)
                     with m.Else():
-                        next_word()
+                        next_word(value_pass=True)
             with m.State("DRAIN"):
                 # results go out as soon as the accumulators are final (L settles earlier)
                 m.d.comb += self.result_valid.eq(self.mac_valid)
@@ -280,11 +301,11 @@ class JobController(wiring.Component):
         )}
         seg_lb = lambda cur: cur[2:4] if NS > 1 else Const(0, 2)    # noqa: E731  (the next segment's width)
         select_update(m, grp_done, [
-            (ev["kmeta"], gd_new_group(rem, lb)), (ev["word"], gd_next_word),
-            (ev["grp"], gd_new_group(rem_after, lb)),
-            (ev["kseg"], gd_new_group(cnt_next, seg_lb(cur_klb))),
-            (ev["vseg"], gd_new_group(cnt_next, seg_lb(cur_vlb))),
-            (ev["end"], gd_new_group(count0, lb)), (ev["vm_last"], gd_new_group(count0, vlbs[0:2])),
+            (ev["kmeta"], gd_new_group(rem, lb, False)), (ev["word"], gd_next_word),
+            (ev["grp"], Mux(in_v, gd_new_group(rem_after, lb, True), gd_new_group(rem_after, lb, False))),
+            (ev["kseg"], gd_new_group(cnt_next, seg_lb(cur_klb), False)),
+            (ev["vseg"], gd_new_group(cnt_next, seg_lb(cur_vlb), True)),
+            (ev["end"], gd_new_group(count0, lb, False)), (ev["vm_last"], gd_new_group(count0, vlbs[0:2], True)),
         ], "gd")
         after = lambda r: Mux(r <= MPW, 0, r - MPW)        # noqa: E731  (rem_after of a group of r tokens)
         select_update(m, rem_after, [

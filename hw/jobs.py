@@ -104,6 +104,20 @@ def job_words(cfg: DatapathConfig, keys: Sequence[QuantizedKV], values: Sequence
     return out
 
 
+def job_beats(cfg: DatapathConfig, keys: Sequence[QuantizedKV], values: Sequence[QuantizedKV]) -> int:
+    """The datapath's beats (cycles at full rate) for a job: one per word of `job_words`, and a second one for
+    every value word holding more tokens than the value pass has slots (`DatapathConfig.value_halves`)."""
+    segs, ks, vs = align_segments(keys, values)
+    extra = 0
+    for v in vs:
+        if cfg.value_halves(v.bits) == 2:
+            tpw = cfg.tpw(v.bits)
+            for g in range(-(-v.tokens // cfg.mpw)):
+                full, rest = divmod(min(cfg.mpw, v.tokens - g * cfg.mpw), tpw)
+                extra += full + (rest > cfg.value_slots)
+    return len(job_words(cfg, keys, values)) + extra
+
+
 def pack_fields(layout, **fields) -> int:
     """A payload of `layout` (an amaranth data.StructLayout) as an integer: each field at its offset, masked
     to its width; fields not given are zero."""

@@ -39,15 +39,13 @@ def element(flat, i: int, bits: int):
 
 def geometry(cfg: DatapathConfig) -> tuple[int, int, int]:
     """(npair, chain, chains per (head, pair)): the array's shape, shared by the score unit and the MAC."""
-    npair, chain = max(1, cfg.nj // 2), min(CHAIN, cfg.head_dim)
+    npair, chain = cfg.value_slots, min(CHAIN, cfg.head_dim)      # the score unit's pairs = the value slots
     return npair, chain, cfg.head_dim // chain
 
 
 def dsp_slots(cfg: DatapathConfig) -> list[int]:
-    """The token slots the value MAC multiplies in the array (codes wider than 2 bits reach them)."""
-    slots = [j for j in range(cfg.nj) if cfg.slot_bits(j) > 2]
-    assert len(slots) == geometry(cfg)[0], "the value MAC's DSP slots must match the score unit's pairs"
-    return slots
+    """The value MAC's token slots, one array slice each per (head, dimension)."""
+    return list(range(cfg.value_slots))
 
 
 class MacArray(wiring.Component):

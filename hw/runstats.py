@@ -116,18 +116,18 @@ class RunSums(wiring.Component):
     def __init__(self, cfg: DatapathConfig):
         _check(cfg, "RunSums")
         self.cfg = cfg
-        nj, G = cfg.nj, cfg.groups
+        nv, G = cfg.value_slots, cfg.groups     # the value pass's token lanes
         super().__init__({
             "valid": In(1), "first": In(1), "ntok": In(cfg.field_bits["ntok"]),
-            "p": In(nj * G * P_BITS), "z_in": In(nj * G * Z_OUT), "clear": In(1),
-            "z": Out(nj * G * Z_OUT), "l": Out(G * 64),
+            "p": In(nv * G * P_BITS), "z_in": In(nv * G * Z_OUT), "clear": In(1),
+            "z": Out(nv * G * Z_OUT), "l": Out(G * 64),
         })
 
     def elaborate(self, platform):
-        nj, G = self.cfg.nj, self.cfg.groups
+        nv, G = self.cfg.value_slots, self.cfg.groups
         m = Module()
         zl, parts = [], {g: [] for g in range(G)}
-        for j in range(nj):
+        for j in range(nv):
             ok = kept(m, self.valid & self.first & (self.ntok > j), unsigned(1), "pz_ok")
             for g in range(G):
                 k = j * G + g

@@ -40,18 +40,18 @@ class WeightUnit(wiring.Component):
         if not isinstance(cfg, DatapathConfig):
             raise TypeError(f"WeightUnit needs a DatapathConfig, got {cfg!r}")
         self.cfg = cfg
-        nj, G = cfg.nj, cfg.groups
+        nv, G = cfg.value_slots, cfg.groups     # the value pass's token lanes
         self.i_layout = data.StructLayout({
-            "score": unsigned(nj * G * 32),   # lane (j, g) at (j*G + g)*32, signed
-            "vmeta": unsigned(nj * 32),       # value scale | zero << 16 per token lane
+            "score": unsigned(nv * G * 32),   # lane (j, g) at (j*G + g)*32, signed
+            "vmeta": unsigned(nv * 32),       # value scale | zero << 16 per token lane
             "lb": unsigned(2),
             "ntok": unsigned(cfg.field_bits["ntok"]),
             "tag": unsigned(tag_width),
         })
         self.o_layout = data.StructLayout({
-            "p": unsigned(nj * G * P_BITS),
-            "w": unsigned(nj * G * W_OUT),
-            "z": unsigned(nj * G * Z_OUT),
+            "p": unsigned(nv * G * P_BITS),
+            "w": unsigned(nv * G * W_OUT),
+            "z": unsigned(nv * G * Z_OUT),
             "ntok": unsigned(cfg.field_bits["ntok"]),
             "tag": unsigned(tag_width),
         })
@@ -64,7 +64,7 @@ class WeightUnit(wiring.Component):
 
     def elaborate(self, platform):
         cfg = self.cfg
-        nj, G = cfg.nj, cfg.groups
+        nv, G = cfg.value_slots, cfg.groups
         m = Module()
         adv = Signal()
         m.d.comb += [adv.eq(~self.o.valid | self.o.ready), self.i.ready.eq(adv)]
@@ -76,7 +76,7 @@ class WeightUnit(wiring.Component):
         v1 = reg(m, adv, self.i.valid, name="wv1")
         c1 = reg(m, adv, ctl, name="wc1")
         xs1 = {}
-        for j in range(nj):
+        for j in range(nv):
             for gi in range(G):
                 sc = p.score[(j * G + gi) * 32:(j * G + gi + 1) * 32].as_signed()
                 mx = self.m[gi * 32:(gi + 1) * 32].as_signed()
@@ -87,7 +87,7 @@ class WeightUnit(wiring.Component):
         v2 = reg(m, adv, v1, name="wv2")
         c2 = reg(m, adv, c1, name="wc2")
         stage2 = {}
-        for j in range(nj):
+        for j in range(nv):
             for gi in range(G):
                 x = xs1[j, gi]
                 rom = Memory(shape=unsigned(57), depth=256, init=init, attrs={"rom_style": "block"})
@@ -116,11 +116,11 @@ class WeightUnit(wiring.Component):
             pv = shift_round_by(m, Cat(v, 0).as_signed(), n, 0, 33, "p")
             stage4[j, gi] = reg(m, adv, pv[0:33], name="p4")
         # the W/Z shift amounts from the metadata and E (E is read from this stage on: E_STAGE)
-        vmeta3 = c3[0:nj * 32]
-        lb3 = c3[nj * 32:nj * 32 + 2]
+        vmeta3 = c3[0:nv * 32]
+        lb3 = c3[nv * 32:nv * 32 + 2]
         bits3 = comb(m, by_width(lb3, lambda w: w.bits), unsigned(5), "bits")
         k4, mant4 = {}, {}
-        for j in range(nj):
+        for j in range(nv):
             ms, xs = bf16_fields(m, vmeta3[j * 32:j * 32 + 16])
             mz, xz = bf16_fields(m, vmeta3[j * 32 + 16:j * 32 + 32])
             # the mantissas registered here, so stage 5's products start from registers (no negation before them)
@@ -130,12 +130,12 @@ class WeightUnit(wiring.Component):
 
         # stage 5: p * ms, p * mz; the shift amounts clamped (arith.shift_amount)
         v5 = reg(m, adv, v4, name="wv5")
-        c5 = reg(m, adv, c4[nj * 32 + 2:], name="wc5")
+        c5 = reg(m, adv, c4[nv * 32 + 2:], name="wc5")
         stage5 = {}
         p5 = {}
         sa5 = {j: (shift_amount(m, adv, kw, 43, "saw"), shift_amount(m, adv, kz, 45 + Z_LMAX, "saz"))
                for j, (kw, kz) in k4.items()}
-        for j in range(nj):
+        for j in range(nv):
             ms, mz = mant4[j]
             for gi in range(G):
                 # p (33 bits, <= 2^32) * a 9-bit mantissa: p's low 26 bits in one DSP, the top 7 in LUTs
@@ -150,7 +150,7 @@ class WeightUnit(wiring.Component):
 
         # stage 6: W and Z (shift and round only: the amounts were clamped one stage earlier)
         ws, zs, ps = [], [], []
-        for j in range(nj):
+        for j in range(nv):
             for gi in range(G):
                 pm, pz, kw, kz = stage5[j, gi]
                 ws.append(shift_round_by(m, pm, kw, 0, W_OUT, "w")[0:W_OUT])

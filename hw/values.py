@@ -1,15 +1,10 @@
 """Value accumulation (value pass): acc[g][d] += sum_j (W[j][g] * c16[j][d] - Z[j][g])
 (docs/numerics.md section 7).
 
-Token slots that can hold codes wider than 2 bits (`DatapathConfig.slot_bits`) multiply in DSPs: per
-(head, dimension) one cascade of DSP48E2 slices over those slots (hw/dsp.py; the k-th slot of the chain is
-skewed by k cycles) whose last slice accumulates the run in its P; a count of P's wraps in fabric extends
-it to the 64-bit accumulator. Slots that only ever hold 2-bit codes (slots
-2 and 3 of a 512-bit word at head_dim 64) need no multiplier: W * c16 = (c * W) << 14 for c in 0..3 is a
-choice among 0, W, 2W and 3W, with 3W formed once per (slot, head) and shared by every dimension. The
-first such slot chooses among -sum_j Z + a * W << 14 instead (the Z sum folded into its candidates),
-and the sum of the choices is the C input of the chain's first stage. Those choices take the same two
-cycles the chain saves, so the unit's latency is unchanged at nj = 4.
+The value pass has `cfg.value_slots` token slots (a 2-bit word comes in two beats, hw/control.py), each
+multiplied on the shared array (hw/macarray.py): per (head, dimension) one cascade of DSP48E2 slices over
+the slots (hw/dsp.py; the k-th slot of the chain is skewed by k cycles) whose head adds -sum_j Z and whose
+last slice accumulates the run in its P; a count of P's wraps in fabric extends it to the 64-bit accumulator.
 
 The caller zeroes the Z lanes that must not count (empty slots, the later words of a multi-word token)
 and the code lanes of tokens a word does not hold (the unpacker does). Beats with `clear` start a new
@@ -23,15 +18,15 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .arith import delay, kept, reg
-from .config import DatapathConfig
+from .config import MAX_VALUE_SLOTS, DatapathConfig
 from .dsp import P_BITS
 from .macarray import UnitOnArray, dsp_slots, element
 from .softmax import W_OUT, Z_OUT
 
 ACC_BITS = 64
-# |W c16 - Z| < 2^42 + 2^42 per token slot and at most 4 slots per word: a beat moves the accumulator by less
-# than this, which the wrap count of `_wide_acc` needs (< 2^46)
-BEAT_SUM_BOUND = 4 * (2 ** (W_OUT - 1 + 16) + 2 ** (Z_OUT - 2))
+# |W c16 - Z| < 2^42 + 2^42 per token slot and at most MAX_VALUE_SLOTS slots per beat: a beat moves the
+# accumulator by less than this, which the wrap count of `_wide_acc` needs (< 2^46)
+BEAT_SUM_BOUND = MAX_VALUE_SLOTS * (2 ** (W_OUT - 1 + 16) + 2 ** (Z_OUT - 2))
 assert BEAT_SUM_BOUND < 2 ** (P_BITS - 2)
 
 
@@ -40,11 +35,11 @@ class ValueMac(wiring.Component):
         if not isinstance(cfg, DatapathConfig):
             raise TypeError(f"ValueMac needs a DatapathConfig, got {cfg!r}")
         self.cfg = cfg
-        nj, hd, G = cfg.nj, cfg.head_dim, cfg.groups
+        nv, hd, G = cfg.value_slots, cfg.head_dim, cfg.groups
         self.i_layout = data.StructLayout({
-            "c16": unsigned(nj * hd * 16),
-            "w": unsigned(nj * G * W_OUT),     # lane (j, g) at (j*G + g)*W_OUT, signed
-            "z": unsigned(nj * G * Z_OUT),     # lane (j, g) at (j*G + g)*Z_OUT, signed
+            "c16": unsigned(nv * hd * 16),
+            "w": unsigned(nv * G * W_OUT),     # lane (j, g) at (j*G + g)*W_OUT, signed
+            "z": unsigned(nv * G * Z_OUT),     # lane (j, g) at (j*G + g)*Z_OUT, signed
             "clear": 1, "last": 1,
         })
         self.o_layout = data.StructLayout({"acc": unsigned(G * hd * ACC_BITS)})  # (g, d) at (g*hd + d)*64
@@ -66,7 +61,7 @@ class ValueMac(wiring.Component):
 
     def elaborate(self, platform):
         cfg = self.cfg
-        nj, hd, G = cfg.nj, cfg.head_dim, cfg.groups
+        nv, hd, G = cfg.value_slots, cfg.head_dim, cfg.groups
         m = Module()
         adv = Signal()
         m.d.comb += [adv.eq(~self.o.valid | self.o.ready), self.i.ready.eq(adv)]
@@ -76,28 +71,21 @@ class ValueMac(wiring.Component):
         # -sum_j Z per head (registered): pair sums as kept LUT outputs, then the sum and its negation
         nz = []
         for gi in range(G):
-            zl = [p.z[(j * G + gi) * Z_OUT:(j * G + gi + 1) * Z_OUT].as_signed() for j in range(nj)]
-            half = [kept(m, sum(zl[i:i + 2]), signed(Z_OUT + 1), "mz") for i in range(0, nj, 2)]
-            nz.append(reg(m, adv, -sum(half), signed(Z_OUT + 2), name="mnz"))     # |sum| < nj * 2^42
+            zl = [p.z[(j * G + gi) * Z_OUT:(j * G + gi + 1) * Z_OUT].as_signed() for j in range(nv)]
+            half = [kept(m, sum(zl[i:i + 2]), signed(Z_OUT + 1), "mz") for i in range(0, nv, 2)]
+            nz.append(reg(m, adv, -sum(half), signed(Z_OUT + 2), name="mnz"))     # |sum| < nv * 2^42
         w_in = {(j, gi): p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed()
-                for j in range(nj) for gi in range(G)}
-        lane = {(j, d): p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16] for j in range(nj) for d in range(hd)}
+                for j in range(nv) for gi in range(G)}
+        lane = {(j, d): p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16] for j in range(nv) for d in range(hd)}
         dslots = dsp_slots(cfg)
-        lut_slots = [j for j in range(nj) if cfg.slot_bits(j) == 2]
-        if lut_slots:
-            c_in, skew = self._lut_slots(m, adv, lut_slots, nz, w_in, lane)
-        else:
-            c_in, skew = {(gi, d): nz[gi] for gi in range(G) for d in range(hd)}, 0
-        # the chains: the k-th DSP slot's operands delayed by skew + k cycles (c_in arrives skew + 1 cycles
-        # after the beat); a word's sum is ready `lat` cycles after it
-        ws = {(j, gi): delay(m, adv, w_in[j, gi], skew + k, name="mws")
-              for k, j in enumerate(dslots) for gi in range(G)}
-        cs = {(j, d): delay(m, adv, lane[j, d], skew + k, name="mcs")
-              for k, j in enumerate(dslots) for d in range(hd)}
+        # the chains: the k-th slot's operands delayed by k cycles (-sum Z, the chain head's C input, arrives
+        # one cycle after the beat); a beat's sum is ready `lat` cycles after it
+        ws = {(j, gi): delay(m, adv, w_in[j, gi], k, name="mws") for k, j in enumerate(dslots) for gi in range(G)}
+        cs = {(j, d): delay(m, adv, lane[j, d], k, name="mcs") for k, j in enumerate(dslots) for d in range(hd)}
         # per (head, dimension) a chain of the multiply array's slices, one per DSP slot (slot k's product
-        # registered k cycles after slot 0's), the first adding c_in, the last accumulating the run in its P
+        # registered k cycles after slot 0's), the first adding -sum Z, the last accumulating the run in its P
         # (W = P; W = 0 on a run's first beat): the word's sum never leaves the cascade
-        lat = skew + len(dslots) + 1          # a beat's sum is in the last slice's P `lat` cycles after it
+        lat = len(dslots) + 1                 # a beat's sum is in the last slice's P `lat` cycles after it
         vv, valids = v1, [v1]
         for _ in range(lat - 1):
             vv = reg(m, adv, vv, name="mvt")
@@ -114,7 +102,7 @@ class ValueMac(wiring.Component):
         accs = []
         for gi in range(G):
             for d in range(hd):
-                m.d.comb += element(self.arr_c, gi * hd + d, P_BITS).eq(c_in[gi, d])
+                m.d.comb += element(self.arr_c, gi * hd + d, P_BITS).eq(nz[gi])
                 accs.append(self._wide_acc(m, adv & vv, clear, element(self.arr_p, gi * hd + d, P_BITS), f"{gi}_{d}"))
         with m.If(adv):
             m.d.sync += self.o.valid.eq(vv & last)
@@ -144,57 +132,7 @@ class ValueMac(wiring.Component):
             m.d.sync += [lo.eq(p), ptop.eq(top), hi.eq(Mux(clear, 0, hi) + step)]
         return Cat(lo, hi)
 
-    def _lut_slots(self, m, adv, slots, nz, w_in, lane):
-        """The products of the 2-bit-only slots as choices, summed with -sum Z: the chain's C input per
-        (head, dimension), registered 3 cycles after the beat. Returns (c_in, skew = 2): the DSP slots'
-        operands are delayed 2 cycles so that c_in meets the chain's first stage.
-
-        W * c16 = (c W) << 14 and -sum Z keep their low 14 bits apart: the choices are made on the bits
-        above (cand = (-sum Z >> 14) + a W for the first slot, a W for the others), and the low 14 bits of
-        -sum Z are carried beside them."""
-        G, hd = self.cfg.groups, self.cfg.head_dim
-        first, rest = slots[0], slots[1:]
-        code = {(j, d): lane[j, d][14:16] for j in slots for d in range(hd)}
-        # cycle 1: W and 3W per (slot, head); the codes
-        mult = {}
-        for j in slots:
-            for gi in range(G):
-                w = w_in[j, gi].as_unsigned()[0:W_OUT - 1]                 # W >= 0
-                w1 = reg(m, adv, w, unsigned(W_OUT - 1), name="lw")
-                w3 = reg(m, adv, (w << 1) + w, unsigned(W_OUT + 1), name="lw3")   # an adder, not a multiplier
-                mult[j, gi] = (w1, w3)
-        code1 = {k: delay(m, adv, v, 1, name="lc") for k, v in code.items()}
-        # cycle 2: the first slot's candidates per head; the other slots' choices per (head, dimension)
-        cand, nz_lo = {}, {}
-        for gi in range(G):
-            w1, w3 = mult[first, gi]
-            hi = nz[gi][14:].as_signed()
-            cand[gi] = [reg(m, adv, hi + a, signed(len(nz[gi]) - 14 + 2), name="lcand")
-                        for a in (0, w1, w1 << 1, w3)]
-            nz_lo[gi] = delay(m, adv, nz[gi][0:14], 1, name="lzl")
-        chosen = {}
-        for j in rest:
-            for gi in range(G):
-                w1, w3 = mult[j, gi]
-                for d in range(hd):
-                    chosen[j, gi, d] = reg(m, adv, _choose(code1[j, d], (0, w1, w1 << 1, w3)), unsigned(W_OUT + 1),
-                                           name="lch")
-        code2 = {d: delay(m, adv, code1[first, d], 1, name="lc") for d in range(hd)}
-        # cycle 3: the first slot's choice plus the others' -> C input
-        c_in = {}
-        for gi in range(G):
-            for d in range(hd):
-                hi = _choose(code2[d], cand[gi]) + sum(chosen[j, gi, d] for j in rest)
-                c_in[gi, d] = reg(m, adv, Cat(nz_lo[gi], hi), signed(48), name="lcin")
-        return c_in, 2
-
 
 def MacBlock(cfg: DatapathConfig) -> UnitOnArray:
     """The value MAC on an array of its own (hw/macarray.UnitOnArray)."""
     return UnitOnArray(ValueMac(cfg), "mac")
-
-
-
-def _choose(c, options):
-    """options[c] for a 2-bit c, as a 4:1 multiplexer (one LUT6 per bit)."""
-    return Mux(c[1], Mux(c[0], options[3], options[2]), Mux(c[0], options[1], options[0]))

@@ -158,7 +158,7 @@ async def test_weight(dut):
         return
     from pmkvq_accel.hw.softmax import WeightUnit
     tb, il, ol = await _bench(dut, c, WeightUnit(cfg, c["tag_width"]))
-    G, hd, nj = cfg.groups, cfg.head_dim, cfg.nj
+    G, hd, nj = cfg.groups, cfg.head_dim, cfg.value_slots   # the value pass's token slots
     for n_job, spec in enumerate(c["jobs"]):
         rng = np.random.default_rng(c["seed"] * 100 + n_job)
         _, _, values = random_job(rng, G, hd, spec["tokens"], 2, spec["vbits"], spec.get("kind", "normal"))
@@ -173,7 +173,7 @@ async def test_weight(dut):
         dut.e.value = E & 0xFFF
         beats, expect = [], []
         for blk in values:
-            tpw = max(1, cfg.tpw(blk.bits))
+            tpw = max(1, cfg.value_tpw(blk.bits))     # tokens per value beat
             ms, xs = bf16_fields(blk.scale)
             mz, xz = bf16_fields(blk.zero)
             meta = pack_metadata(blk.scale, blk.zero)
@@ -225,7 +225,7 @@ async def test_mac(dut):
         return
     from pmkvq_accel.hw.values import MacBlock
     tb, il, ol = await _bench(dut, c, MacBlock(cfg))
-    G, hd, nj = cfg.groups, cfg.head_dim, cfg.nj
+    G, hd, nj = cfg.groups, cfg.head_dim, cfg.value_slots   # the value pass's token slots
     rng = np.random.default_rng(c["seed"])
     for n_run, length in enumerate(c["runs"]):
         acc = np.zeros((G, hd), dtype=object)

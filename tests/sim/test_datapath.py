@@ -20,6 +20,10 @@ CONFIGS = {
         dict(tokens=129, kbits=2, vbits=4, kind="outlier", stalls=(0.3, 0.5)),
         dict(tokens=40, kbits=8, vbits=16, kind="extreme", sink=3, window=7, split=10),
     ]),
+    "w256_hd64_g1": (dict(word_bits=256, head_dim=64, groups=1, max_tokens=1024), [   # 1 value slot:
+        dict(tokens=131, kbits=4, vbits=2, stalls=(0.3, 0.5)),                        # 2-bit words in 2 beats
+        dict(tokens=37, kbits=2, vbits=2, kind="outlier", sink=3, window=5, split=11),
+    ]),
     "w512_hd64_g3": (dict(word_bits=512, head_dim=64, groups=3, max_tokens=4096), [
         dict(tokens=1030, kbits=2, vbits=2, stalls=(0.2, 0.3)),
         dict(tokens=129, kbits=4, vbits=8, kind="outlier", split=50),

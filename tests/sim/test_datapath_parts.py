@@ -47,6 +47,19 @@ def code_words(cfg, bits, n):
     return [(t, 1, wi, int(wi == 0), int(wi == wpt - 1)) for t in range(n) for wi in range(wpt)]
 
 
+def value_beats(cfg, bits, n):
+    """(gl, ntok, wi, first, last, half, took) of each value beat of a group of n tokens: a word of more than
+    max(1, nj / 2) tokens (the value pass's slots) is two beats, the lower tokens then the upper ones, and
+    the word is taken with its last beat; a word whose tokens fit the slots is one beat."""
+    slots = max(1, cfg.word_bits // (2 * cfg.head_dim) // 2)
+    beats = []
+    for gl, ntok, wi, first, last in code_words(cfg, bits, n):
+        parts = [(gl + h * slots, min(slots, ntok - h * slots), h) for h in range(-(-ntok // slots))] \
+            if ntok > slots else [(gl, ntok, 0)]
+        beats += [(g, t, wi, first, last, h, int(i == len(parts) - 1)) for i, (g, t, h) in enumerate(parts)]
+    return beats
+
+
 def expected_events(cfg, segs):
     """What the controller says about each word of a job (hw/attention.py's word order): the S_Q beat; per
     segment and group of mpw tokens a key-metadata word, then the key words; the value-metadata words; the
@@ -59,7 +72,7 @@ def expected_events(cfg, segs):
         ev += [("key", entry, *w, width_code(kb)) for w in code_words(cfg, kb, ntk)]
     ev += [("meta", entry, n - g * MPW, width_code(vb)) for entry, (n, kb, vb, g, ntk) in enumerate(groups)]
     vals = [("value", entry, *w, width_code(vb)) for entry, (n, kb, vb, g, ntk) in enumerate(groups)
-            for w in code_words(cfg, vb, ntk)]
+            for w in value_beats(cfg, vb, ntk)]
     ev += [v + (int(i == 0), int(i == len(vals) - 1)) for i, v in enumerate(vals)]
     return ev + [("result", g) for g in range(cfg.groups)]
 
@@ -110,8 +123,9 @@ def run_controller(cfg, jobs, seed):
                     assert took
                     got.append(("meta", ctx.get(dut.entry), ctx.get(dut.rem), ctx.get(dut.seg_vlb)))
                 elif ctx.get(dut.value_valid):
-                    assert took and ctx.get(dut.v_go)
-                    got.append(("value", *fields, ctx.get(dut.value_clear), ctx.get(dut.value_last)))
+                    assert ctx.get(dut.v_go)
+                    got.append(("value", *fields[:6], ctx.get(dut.half), int(took), fields[6],
+                                ctx.get(dut.value_clear), ctx.get(dut.value_last)))
                 elif took:
                     got.append(("kmeta",))
                     kword = word
@@ -157,6 +171,11 @@ def test_controller_oracle_can_fail():
     assert ev.count(("kmeta",)) == 2 and sum(e[0] == "meta" for e in ev) == 2
     assert [e[2:4] for e in ev if e[0] == "key"] == [(0, 4), (4, 4), (8, 4), (12, 4), (0, 4)]
     assert [e[2:4] for e in ev if e[0] == "value"][-2:] == [(0, 2), (2, 2)]
+    ev = expected_events(cfg, [(7, 4, 2)])          # 2-bit values: 4 + 3 tokens in two words, two beats each
+    assert [(e[2], e[3], e[7], e[8]) for e in ev if e[0] == "value"] == [(0, 2, 0, 0), (2, 2, 1, 1),
+                                                                        (4, 2, 0, 0), (6, 1, 1, 1)]
+    ev = expected_events(cfg, [(6, 4, 2)])          # the second word's 2 tokens fit one beat
+    assert [(e[2], e[3], e[7], e[8]) for e in ev if e[0] == "value"][-1] == (4, 2, 0, 1)
 
 
 # ---- buffers ------------------------------------------------------------------------------------
@@ -192,7 +211,7 @@ def test_score_buffer_writes_the_word_tokens_lanes_and_reads_from_gl():
             await ctx.tick()
             ctx.set(dut.rgl, rgl)
             out = ctx.get(dut.lanes)
-            for j in range(min(NJ, MPW - rgl)):
+            for j in range(min(cfg.value_slots, MPW - rgl)):     # a value beat's lanes
                 if (entry, rgl + j) in mem:
                     assert lane(out, j, G * 32) == mem[entry, rgl + j], (entry, rgl, j)
         assert len(mem) > 100
@@ -220,7 +239,7 @@ def test_meta_buffer_stores_words_and_reads_lanes():
             ctx.set(dut.raddr, e)
             await ctx.tick()
             ctx.set(dut.rgl, rgl)
-            for j in range(min(cfg.nj, cfg.mpw - rgl)):
+            for j in range(min(cfg.value_slots, cfg.mpw - rgl)):
                 assert lane(ctx.get(dut.lanes), j, 32) == lane(w, rgl + j, 32)
 
     simulate(dut, bench)
@@ -321,7 +340,7 @@ def test_value_exponent_is_the_max_over_lanes_in_the_segment():
 def test_run_sums_count_first_words_of_the_word_tokens():
     cfg, rng = CFG, random.Random(7)
     dut = RunSums(cfg)
-    NJ, G = cfg.nj, cfg.groups
+    NJ, G = cfg.value_slots, cfg.groups
 
     async def bench(ctx):
         await pulse(ctx, dut.clear)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pmkvq_accel.hw.config import DatapathConfig
-from pmkvq_accel.hw.jobs import align_segments, job_descriptor, job_words
+from pmkvq_accel.hw.jobs import align_segments, job_beats, job_descriptor, job_words
 from pmkvq_accel.sim.jobgen import random_job
 
 
@@ -20,6 +20,20 @@ def test_word_count_is_the_ideal(W, hd):
         want += -(-s.count * hd * s.kbits // W) + -(-s.count * hd * s.vbits // W)
     # key code words restart on a word boundary after each metadata group
     assert len(job_words(cfg, k, v)) == want
+
+
+@pytest.mark.parametrize("W,hd,vbits,tokens,extra", [
+    (512, 64, 2, 7, 2),       # 4 + 3 tokens: both words exceed the 2 value slots
+    (512, 64, 2, 6, 1),       # 4 + 2: the second word fits one beat
+    (512, 64, 2, 37, 9),      # groups of 16 (4 words each, 8 extra) and 5 tokens (4 + 1: 1 extra)
+    (512, 64, 4, 37, 0),      # 2 tokens per word = the slots
+    (256, 64, 2, 3, 1),       # 2 + 1 tokens, 1 slot
+    (128, 64, 2, 9, 0),       # 1 token per word, 1 slot
+])
+def test_beats_add_a_second_one_for_wide_value_words(W, hd, vbits, tokens, extra):
+    cfg = DatapathConfig(word_bits=W, head_dim=hd, groups=1)
+    q, k, v = random_job(np.random.default_rng(2), 1, hd, tokens, 16, vbits, sink=0, window=0)
+    assert job_beats(cfg, k, v) == len(job_words(cfg, k, v)) + extra
 
 
 def test_descriptor_limits():
