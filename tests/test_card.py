@@ -24,22 +24,24 @@ def test_unpacked_engine_fits_one_per_slr():
 
 
 def test_todays_engine_plan():
-    """429 DSP48E2, ~58k LUT: four engines per SLR; a fifth breaks that SLR's LUT limit (75 %), not its DSPs."""
+    """441 DSP48E2, ~56k LUT: 5 / 4 / 5 engines (SLR1 has the fewest LUTs and the slices of SLR2's masters); one
+    more engine breaks that SLR's LUT limit (75 %), and SLR0's and SLR2's DSP limit too."""
     p = C.plan()
-    assert p.engines_per_slr == {"SLR0": 4, "SLR1": 4, "SLR2": 4} and p.pcs_per_engine == 2
-    assert p.slr_stages() == (0,) * 4 + (2,) * 4 + (4,) * 4 and not p.violations()
+    assert p.engines_per_slr == {"SLR0": 5, "SLR1": 4, "SLR2": 5} and p.pcs_per_engine == 2
+    assert p.slr_stages() == (0,) * 5 + (2,) * 4 + (4,) * 5 and not p.violations()
     for slr in C.SLRS:
-        more = C.CardPlan(C.TODAY_ENGINE, {**p.engines_per_slr, slr: 5}, 2)
-        assert [v.split(":")[0] for v in more.violations()] == [f"{slr} lut"]
+        more = C.CardPlan(C.TODAY_ENGINE, {**p.engines_per_slr, slr: p.engines_per_slr[slr] + 1}, 2)
+        assert [v.split(":")[0] for v in more.violations()][0] == f"{slr} lut"
 
 
 def test_plan_is_not_blocked_by_filling_slr0_first():
-    """Five engines fit SLR0 alone, but the masters of SLR1 and SLR2 put their slices in SLR0 too: the plan is
-    the most engines of any split (here 4 / 4 / 4, not a greedy 5 / 1 / 0)."""
-    p = C.plan()
-    assert C.CardPlan(C.TODAY_ENGINE, {"SLR0": 5, "SLR1": 0, "SLR2": 0}, 6).violations() == []
-    assert p.engines == 12 > 6
-    assert all(C.CardPlan(C.TODAY_ENGINE, split, 2).violations() for split in C._splits(13))
+    """Six engines fit SLR0 alone at a larger engine, but the masters of SLR1 and SLR2 put their slices in SLR0
+    too: the plan is the most engines of any split, not a greedy SLR0-first fill."""
+    big = C.EngineResources(lut=58_000, ff=42_000, dsp=429, bram36=43.5, uram=30, source="test")
+    assert not C.CardPlan(big, {"SLR0": 5, "SLR1": 0, "SLR2": 0}, 6).violations()
+    p = C.plan(big)
+    assert p.engines_per_slr == {"SLR0": 4, "SLR1": 4, "SLR2": 4} and not p.violations()   # greedy: 5 / 1 / 0
+    assert all(C.CardPlan(big, split, 2).violations() for split in C._splits(13))
 
 
 def test_lean_engine_fills_the_card_and_respects_limits():
@@ -60,8 +62,8 @@ def test_lean_engine_fills_the_card_and_respects_limits():
 
 
 def test_forced_engine_count_over_the_limit_is_reported():
-    p = C.plan(engines=10)
-    assert p.engines == 10 and p.violations()
+    p = C.plan(engines=15)
+    assert p.engines == 15 and p.violations()
     with pytest.raises(ValueError):
         C.plan(engines=33)
     with pytest.raises(ValueError):
