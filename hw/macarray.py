@@ -1,14 +1,14 @@
 """The shared multiply array: the DSP48E2 slices (hw/dsp.py) of the score unit's dot products and of the
-value MAC's DSP slots are the same slices.
+value MAC's value slots are the same slices.
 
 The key pass feeds only the score unit and the value pass only the value MAC, so one slice serves a score
 product (A = the packed key codes of a dimension, B = a query code) in the key pass and a value product
 (D = a weight W, B = a value code lane) in the value pass. Per head there are npair x head_dim slices
-(npair = max(1, nj / 2), the score unit's slot pairs, equal to the value MAC's DSP slots):
+(npair = cfg.value_slots = max(1, nj / 2), the score unit's slot pairs, equal to the value MAC's slots):
 
 - score chains: slice (g, f), f = k head_dim + d, is dimension d of slot pair k, position d % CHAIN of
   the cascade (g, k, d // CHAIN); Z = PCIN (0 at a cascade's head), W = 0;
-- value chains: the same slice is DSP slot kk = f % npair of dimension dv = f // npair: the value chain of
+- value chains: the same slice is value slot kk = f % npair of dimension dv = f // npair: the value chain of
   (g, dv) is npair consecutive slices of one score cascade (CHAIN is even), its head adding the C input
   (Z = C) and its last slice accumulating the run (W = P, 0 on a run's first beat).
 
@@ -41,11 +41,6 @@ def geometry(cfg: DatapathConfig) -> tuple[int, int, int]:
     """(npair, chain, chains per (head, pair)): the array's shape, shared by the score unit and the MAC."""
     npair, chain = cfg.value_slots, min(CHAIN, cfg.head_dim)      # the score unit's pairs = the value slots
     return npair, chain, cfg.head_dim // chain
-
-
-def dsp_slots(cfg: DatapathConfig) -> list[int]:
-    """The value MAC's token slots, one array slice each per (head, dimension)."""
-    return list(range(cfg.value_slots))
 
 
 class MacArray(wiring.Component):

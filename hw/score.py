@@ -189,7 +189,7 @@ class ScoreUnit(wiring.Component):
 
         # stage A: multi-word accumulation, S_Q latch, D = D' >> (16 - b)
         sq_reg = [Signal(signed(24), name=f"sq_{gi}") for gi in range(G)]
-        dacc = [Signal(signed(40), name=f"dacc_{gi}") for gi in range(G)]
+        dacc = [Signal(signed(WIDE_D_BITS), name=f"dacc_{gi}") for gi in range(G)]
         va = reg(m, adv, vv & last & ~sq, name="va")
         valids.append(va)
         ctla = reg(m, adv, Cat(kmeta, ntok, tag), name="ctla")
@@ -216,7 +216,7 @@ class ScoreUnit(wiring.Component):
                     with m.If(adv & vv & sq):
                         m.d.sync += sq_reg[gi].eq(sums[gi, 0, "full"])
                 sh = comb(m, by_width(lb, lambda w: s >> (16 - w.bits), widths=tuple(reversed(BY_CODE))),
-                          signed(40), "dsh")
+                          signed(WIDE_D_BITS), "dsh")
                 dvals[gi, j] = reg(m, adv, sh, signed(WIDE_D_BITS), name="D")
         kmeta_a = ctla[0:nj * 32]
         ntok_a = ctla[nj * 32:nj * 32 + ntok_w]

@@ -20,7 +20,7 @@ from amaranth.lib.wiring import In, Out
 from .arith import delay, kept, reg
 from .config import MAX_VALUE_SLOTS, DatapathConfig
 from .dsp import P_BITS
-from .macarray import UnitOnArray, dsp_slots, element
+from .macarray import UnitOnArray, element
 from .softmax import W_OUT, Z_OUT
 
 ACC_BITS = 64
@@ -48,12 +48,11 @@ class ValueMac(wiring.Component):
             "o": Out(stream.Signature(self.o_layout)),
             "busy": Out(1),
         }
-        nds = len(dsp_slots(cfg))
         super().__init__({
             **self.block_members,
-            # the DSP slots run on the shared multiply array (hw/macarray.py): operands out, the sums in
-            "arr_d": Out(nds * G * W_OUT),
-            "arr_b": Out(nds * hd * 16),
+            # the slots' products run on the shared multiply array (hw/macarray.py): operands out, the sums in
+            "arr_d": Out(nv * G * W_OUT),
+            "arr_b": Out(nv * hd * 16),
             "arr_c": Out(G * hd * P_BITS),
             "arr_ce": Out(1), "arr_ce_tail": Out(1), "arr_keep": Out(1),
             "arr_p": In(G * hd * P_BITS),
@@ -77,15 +76,14 @@ class ValueMac(wiring.Component):
         w_in = {(j, gi): p.w[(j * G + gi) * W_OUT:(j * G + gi + 1) * W_OUT].as_signed()
                 for j in range(nv) for gi in range(G)}
         lane = {(j, d): p.c16[(j * hd + d) * 16:(j * hd + d + 1) * 16] for j in range(nv) for d in range(hd)}
-        dslots = dsp_slots(cfg)
-        # the chains: the k-th slot's operands delayed by k cycles (-sum Z, the chain head's C input, arrives
-        # one cycle after the beat); a beat's sum is ready `lat` cycles after it
-        ws = {(j, gi): delay(m, adv, w_in[j, gi], k, name="mws") for k, j in enumerate(dslots) for gi in range(G)}
-        cs = {(j, d): delay(m, adv, lane[j, d], k, name="mcs") for k, j in enumerate(dslots) for d in range(hd)}
-        # per (head, dimension) a chain of the multiply array's slices, one per DSP slot (slot k's product
+        # the chains: slot j's operands delayed by j cycles (-sum Z, the chain head's C input, arrives one cycle
+        # after the beat); a beat's sum is ready `lat` cycles after it
+        ws = {(j, gi): delay(m, adv, w_in[j, gi], j, name="mws") for j in range(nv) for gi in range(G)}
+        cs = {(j, d): delay(m, adv, lane[j, d], j, name="mcs") for j in range(nv) for d in range(hd)}
+        # per (head, dimension) a chain of the multiply array's slices, one per slot (slot k's product
         # registered k cycles after slot 0's), the first adding -sum Z, the last accumulating the run in its P
         # (W = P; W = 0 on a run's first beat): the word's sum never leaves the cascade
-        lat = len(dslots) + 1                 # a beat's sum is in the last slice's P `lat` cycles after it
+        lat = nv + 1                          # a beat's sum is in the last slice's P `lat` cycles after it
         vv, valids = v1, [v1]
         for _ in range(lat - 1):
             vv = reg(m, adv, vv, name="mvt")
@@ -93,11 +91,11 @@ class ValueMac(wiring.Component):
         v_acc, c_acc = valids[lat - 2], delay(m, adv, c1, lat - 2, name="mca")   # the beat entering the P
         cc = delay(m, adv, c1, lat - 1, name="mct")
         clear, last = cc[0], cc[1]
-        for kk, j in enumerate(dslots):
+        for j in range(nv):
             for gi in range(G):
-                m.d.comb += element(self.arr_d, kk * G + gi, W_OUT).eq(ws[j, gi])
+                m.d.comb += element(self.arr_d, j * G + gi, W_OUT).eq(ws[j, gi])
             for d in range(hd):
-                m.d.comb += element(self.arr_b, kk * hd + d, 16).eq(cs[j, d])
+                m.d.comb += element(self.arr_b, j * hd + d, 16).eq(cs[j, d])
         m.d.comb += [self.arr_ce.eq(adv), self.arr_ce_tail.eq(adv & v_acc), self.arr_keep.eq(~c_acc[0])]
         accs = []
         for gi in range(G):
