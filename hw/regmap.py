@@ -37,6 +37,8 @@ BUFFER_ENTRIES = 4096
 ENGINE_MAX_TOKENS = (BUFFER_ENTRIES - ENGINE_SEGMENTS) * (WORD_BITS // 32)   # 65 488
 PC_BYTES = 256 << 20              # one U280 HBM pseudo-channel
 CONTROL_ADDR_BITS = 12            # s_axi_control decodes 12 address bits (a 0x1000 window)
+OFFSET_BITS = 32                  # an offset inside an engine's buffer (every OFFSET_ARGS register); sums of
+                                  # offsets wrap at 2^32 in the kernel's address arithmetic
 
 CTRL, GIE, IER, ISR = 0x00, 0x04, 0x08, 0x0C
 AP_START, AP_DONE, AP_IDLE, AP_READY = 0x1, 0x2, 0x4, 0x8
@@ -82,6 +84,7 @@ COUNT_FIELDS = ("n_sink", "n_body", "n_window")
 OFFSET_ARGS = ("k_codes", "v_codes", "k_meta", "v_meta", "query", "partial", "k_window_off", "k_body_off",
                "v_window_off", "v_body_off", "k_codes_stride", "v_codes_stride", "meta_stride",
                "meta_window_off", "meta_body_off")
+assert all(ARGS[n][1] == OFFSET_BITS for n in OFFSET_ARGS)
 
 
 def engine_pcs(e: int, engines: int, pcs_per_engine: int = 1) -> tuple[int, ...]:

@@ -6,8 +6,8 @@ and metadata words whose scales become s' = bf16(s * (2^n + 1)) (zero unchanged)
     q' = ((q << 2n) - (q << n) + q + 2^(3n-1) - 2^(2n-1) + 2^(n-1)) >> 3n,  masked to n bits
 
 Five register stages (the scale product; its top bit; the normalising shift; the rounding decision;
-the rounded fields), then the output word (`ShrinkCore`). The engine's `ShrinkUnit` runs a core a quarter of
-the word wide, four beats per word, and gathers its outputs back into words.
+the rounded fields), then the output word (`ShrinkCore`). The engine's `ShrinkUnit` runs a core an eighth of
+the word wide (at least 64 bits), eight beats per word, and gathers its outputs back into words.
 Stream protocol (`i`): kind 0 = code word, kind 1 = metadata word; `last` marks the block's last code
 word (an odd word count then flushes a half-filled output word). `n_lb` is the target width
 (8 -> 2, 4 -> 1, 2 -> 0), chosen per word at run time.
@@ -45,7 +45,7 @@ def scale_product(m, s16, n_lb):
 
 
 ROUND_STAGES = 3    # register stages inside round_shift
-SHRINK_BEATS = 4    # beats per word through the core (ShrinkUnit: why narrower than the word)
+SHRINK_BEATS = 8    # beats per word through the core (ShrinkUnit: why narrower than the word)
 
 
 def round_shift(m, adv, x, P):
@@ -162,20 +162,21 @@ class ShrinkCore(wiring.Component):
 
 
 def default_lane_bits(word_bits: int) -> int:
-    """The core's width: a quarter of the word (SHRINK_BEATS), at least the narrowest supported word."""
+    """The core's width: an eighth of the word (SHRINK_BEATS), at least the narrowest supported word."""
     return max(WORD_BITS[0], word_bits // SHRINK_BEATS)
 
 
 class ShrinkUnit(wiring.Component):
     """A `word_bits`-bit shrink unit built from a `lane_bits`-bit `ShrinkCore` (default: `default_lane_bits`,
-    128 bits in a 512-bit engine): each word goes through the core
+    64 bits in a 512-bit engine): each word goes through the core
     as word_bits / lane_bits beats (read from the input word in place, which the stream holds until the last
     beat) and the core's outputs are gathered back into words; a flushed half word comes out zero-filled.
     Every code and scale is independent of its neighbours, so the words out equal those of a full-width core.
 
     Why narrower than the word: SHRINK only rewrites blocks as they age (each token at most three times over
     its life), while every decode step reads the whole cache, so the block mover is far off the critical
-    rate; a 128-bit core is about a quarter of the full-width one's logic in every engine."""
+    rate; a 64-bit core is about an eighth of the full-width one's logic in every engine (LUTs are what bound
+    the engines a card holds)."""
 
     def __init__(self, word_bits: int = 512, lane_bits: int | None = None):
         _check_width(word_bits)

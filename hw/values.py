@@ -4,7 +4,8 @@
 The value pass has `cfg.value_slots` token slots (a 2-bit word comes in two beats, hw/control.py), each
 multiplied on the shared array (hw/macarray.py): per (head, dimension) one cascade of DSP48E2 slices over
 the slots (hw/dsp.py; the k-th slot of the chain is skewed by k cycles) whose head adds -sum_j Z and whose
-last slice accumulates the run in its P; a count of P's wraps in fabric extends it to the 64-bit accumulator.
+last slice accumulates the run in its P; a count of P's wraps in fabric extends it to `acc_bits` (60: enough for
+any run, exactly), sign-extended to the result's 64 bits.
 
 The caller zeroes the Z lanes that must not count (empty slots, the later words of a multi-word token)
 and the code lanes of tokens a word does not hold (the unpacker does). Beats with `clear` start a new
@@ -23,11 +24,22 @@ from .dsp import P_BITS
 from .macarray import UnitOnArray, element
 from .softmax import W_OUT, Z_OUT
 
-ACC_BITS = 64
-# |W c16 - Z| < 2^42 + 2^42 per token slot and at most MAX_VALUE_SLOTS slots per beat: a beat moves the
-# accumulator by less than this, which the wrap count of `_wide_acc` needs (< 2^46)
-BEAT_SUM_BOUND = MAX_VALUE_SLOTS * (2 ** (W_OUT - 1 + 16) + 2 ** (Z_OUT - 2))
+ACC_BITS = 64           # the accumulators as the result carries them (attention_partial's int64 acc)
+# |W c16 - Z| < 2^42 + 2^42 per token (one product and one Z per token and (head, dimension): the later words
+# of a multi-word token hold other dimensions and no Z)
+TOKEN_SUM_BOUND = 2 ** (W_OUT - 1 + 16) + 2 ** (Z_OUT - 2)
+# at most MAX_VALUE_SLOTS tokens per beat: a beat moves the accumulator by less than this, which the wrap
+# count of `_wide_acc` needs (< 2^46)
+BEAT_SUM_BOUND = MAX_VALUE_SLOTS * TOKEN_SUM_BOUND
 assert BEAT_SUM_BOUND < 2 ** (P_BITS - 2)
+
+
+def acc_bits(cfg: DatapathConfig) -> int:
+    """Signed bits that hold any accumulator of a run exactly: |acc| < max_tokens x TOKEN_SUM_BOUND (60 at
+    65 536 tokens). The MAC keeps that many (P and a count of its wraps) and sign-extends to ACC_BITS."""
+    bits = (cfg.max_tokens * TOKEN_SUM_BOUND - 1).bit_length() + 1
+    assert P_BITS < bits <= ACC_BITS
+    return bits
 
 
 class ValueMac(wiring.Component):
@@ -101,7 +113,9 @@ class ValueMac(wiring.Component):
         for gi in range(G):
             for d in range(hd):
                 m.d.comb += element(self.arr_c, gi * hd + d, P_BITS).eq(nz[gi])
-                accs.append(self._wide_acc(m, adv & vv, clear, element(self.arr_p, gi * hd + d, P_BITS), f"{gi}_{d}"))
+                acc = self._wide_acc(m, adv & vv, clear, element(self.arr_p, gi * hd + d, P_BITS), acc_bits(cfg),
+                                     f"{gi}_{d}")
+                accs.append(Cat(acc, acc[-1].replicate(ACC_BITS - len(acc))))     # sign-extended
         with m.If(adv):
             m.d.sync += self.o.valid.eq(vv & last)
         m.d.comb += self.o.payload.acc.eq(Cat(*accs))
@@ -112,12 +126,12 @@ class ValueMac(wiring.Component):
         return m
 
     @staticmethod
-    def _wide_acc(m, en, clear, p, tag):
-        """The 64-bit accumulator of a run whose low 48 bits wrap inside a slice's P: acc = hi * 2^48 + lo,
-        lo = P (unsigned), hi counting P's wraps. A beat changes P by less than 2^46 (BEAT_SUM_BOUND), so P's
-        top two bits step 11 -> 00 exactly when it wrapped upwards and 00 -> 11 when downwards; on a run's
+    def _wide_acc(m, en, clear, p, bits, tag):
+        """The `bits`-bit accumulator of a run whose low 48 bits wrap inside a slice's P: acc = hi * 2^48 + lo,
+        lo = P (unsigned), hi counting P's wraps modulo 2^(bits - 48) (exact while |acc| < 2^(bits - 1)). A
+        beat changes P by less than 2^46 (BEAT_SUM_BOUND), so P's top two bits step 11 -> 00 exactly when it wrapped upwards and 00 -> 11 when downwards; on a run's
         first beat (P = the beat's sum) hi is P's sign. Registered on the beat after P (`en`)."""
-        hi = Signal(signed(ACC_BITS - P_BITS), name=f"acc_hi_{tag}")
+        hi = Signal(signed(bits - P_BITS), name=f"acc_hi_{tag}")
         lo = Signal(P_BITS, name=f"acc_lo_{tag}")
         ptop = Signal(2, name=f"acc_top_{tag}")              # P's top bits after the run's previous beat
         top = p[P_BITS - 2:]

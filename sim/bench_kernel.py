@@ -48,7 +48,7 @@ def main(argv=None):
                 rows.append((t, b, bench.cycles(1, t - 129, 128, b, b)))
     finally:
         bench.close()
-    supply = hbm.port_words_per_cycle(1) if not hbm.ideal else 1.0
+    supply = hbm.port_words_per_cycle() if not hbm.ideal else 1.0
     # the query records come from the records PC when the engine has a second one: not the cache PC's supply
     pcs = bench.cfg.engine_pcs(0)
     query_words = args.heads * args.groups * R.query_record_bytes(args.head_dim) * 8 // args.word_bits \

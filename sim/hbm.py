@@ -18,6 +18,9 @@ Bandwidth is a token bucket per PC, shared by every master that reads or writes 
 `pc_bytes_per_cycle` bytes each kernel cycle (capped, so an idle PC banks no more than one beat), a local beat
 costs `word_bytes`, a cross-PC beat costs `word_bytes * efficiency / cross_efficiency` (the switch's lost
 cycles); the first beat of a burst comes `read_latency` after its address (plus the cross latency).
+Not modelled: a master's own HBM AXI port (256 bits at 450 MHz, the PC's rate), which in the card caps a master
+at one PC's bandwidth even when it reads two PCs; the kernel reads its cache from one PC and writes only the
+partial records (< 0.1 % of the bytes) to its second, so the model's credit for that second PC is negligible.
 """
 from __future__ import annotations
 
@@ -83,9 +86,11 @@ class HbmModel:
         """Bytes of a PC's budget one cross-PC beat uses."""
         return float(self.word_bytes) if self.ideal else self.word_bytes * self.efficiency / self.cross_efficiency
 
-    def port_words_per_cycle(self, pcs: int = 1) -> float:
-        """The most a master streaming from `pcs` of its own PCs can get (its port takes one word a cycle)."""
-        return min(1.0, pcs * self.pc_bytes_per_cycle / self.word_bytes)
+    def port_words_per_cycle(self) -> float:
+        """The most one master streams: one word a cycle at its port, and one PC's rate at the HBM side (a
+        master is attached to one 256-bit HBM AXI port at 450 MHz, the PC's own rate, whichever PCs it
+        reads through the switch: spreading a buffer over two PCs does not add bandwidth)."""
+        return min(1.0, self.pc_bytes_per_cycle / self.word_bytes)
 
     def harness_args(self) -> list[str]:
         """Command-line arguments of sim/kernel_harness.cpp: latency, cross latency (cycles), PC bytes per

@@ -100,8 +100,8 @@ def test_hbm_model_figures():
     assert m.pc_bytes_per_cycle == pytest.approx(14.375e9 * 0.92 / 225e6)
     assert m.read_latency == 68 and m.cross_latency == 23                 # 300 ns, 100 ns at 225 MHz
     assert m.cross_beat_cost == pytest.approx(64 * 2)                     # half the bandwidth across
-    assert m.port_words_per_cycle(1) == pytest.approx(58.78 / 64, rel=1e-3) and m.port_words_per_cycle(2) == 1
-    assert HbmModel(clock_mhz=300).port_words_per_cycle(1) == pytest.approx(0.689, rel=1e-3)
+    assert m.port_words_per_cycle() == pytest.approx(58.78 / 64, rel=1e-3)
+    assert HbmModel(clock_mhz=300).port_words_per_cycle() == pytest.approx(0.689, rel=1e-3)
     ideal = HbmModel.fixed_latency(100)
     assert ideal.read_latency == 100 and ideal.ideal and ideal.cross_latency == 0
     assert ideal.harness_args()[2] != m.harness_args()[2]

@@ -94,25 +94,34 @@ def test_word_sequencer_oracle_can_fail():
 
 @pytest.mark.parametrize("word_bits", [128, 512])
 def test_partial_records_layout(word_bits):
-    cfg = KernelConfig(word_bits=word_bits, head_dim=HD, groups=3, max_tokens=2048)
+    """Two jobs' result beats (every head's fields in each beat, as the datapath holds them) become the records
+    of head 0, 1, 2 in order, each from its own head's lanes, under random stalls of the writer."""
+    G = 3
+    cfg = KernelConfig(word_bits=word_bits, head_dim=HD, groups=G, max_tokens=2048)
     dut = PartialRecords(cfg)
     rng = np.random.default_rng(word_bits)
-    results = [dict(m=int(rng.integers(-2**31, 2**31)), e=int(rng.integers(-300, 300)),
-                    l=int(rng.integers(0, 2**63)), acc=rng.integers(-2**63, 2**63, size=HD, dtype=np.int64))
-               for _ in range(3)]
+
+    def job():
+        return [dict(m=int(rng.integers(-2**31, 2**31)), l=int(rng.integers(0, 2**63)),
+                     acc=rng.integers(-2**63, 2**63, size=HD, dtype=np.int64)) for _ in range(G)]
+
+    jobs = [(job(), int(rng.integers(-300, 300))) for _ in range(2)]
+    beats = []
+    for heads, e in jobs:
+        acc = 0
+        for i, a in enumerate(a for x in heads for a in x["acc"]):
+            acc |= (int(a) & (2**64 - 1)) << (64 * i)
+        payload = {"m": sum((x["m"] & 0xFFFFFFFF) << (32 * g) for g, x in enumerate(heads)),
+                   "l": sum(x["l"] << (64 * g) for g, x in enumerate(heads)), "e": e & 0xFFFF, "acc": acc}
+        beats += [dict(payload, head=g) for g in range(G)]
     words = []
 
     async def bench(ctx):
         r = random.Random(2)
-        pending = list(results)
-        for _ in range(400):
+        pending = list(beats)
+        for _ in range(800):
             if pending:
-                x = pending[0]
-                acc = 0
-                for i, a in enumerate(x["acc"]):
-                    acc |= (int(a) & (2**64 - 1)) << (64 * i)
-                ctx.set(dut.result.payload, {"head": 0, "m": x["m"] & 0xFFFFFFFF, "l": x["l"],
-                                             "e": x["e"] & 0xFFFF, "acc": acc})
+                ctx.set(dut.result.payload, pending[0])
                 ctx.set(dut.result.valid, 1)
             else:
                 ctx.set(dut.result.valid, 0)
@@ -130,9 +139,10 @@ def test_partial_records_layout(word_bits):
     sim.run()
     raw = b"".join(w.to_bytes(word_bits // 8, "little") for w in words)
     recs = np.frombuffer(raw, R.partial_dtype(HD))
-    assert len(recs) == 3
-    for rec, x in zip(recs, results):
-        assert (int(rec["m"]), int(rec["E"]), int(rec["L"])) == (x["m"], x["e"], x["l"])
+    want = [(x, e) for heads, e in jobs for x in heads]
+    assert len(recs) == len(want)
+    for rec, (x, e) in zip(recs, want):
+        assert (int(rec["m"]), int(rec["E"]), int(rec["L"])) == (x["m"], e, x["l"])
         assert np.array_equal(rec["acc"], x["acc"])
 
 

@@ -99,3 +99,53 @@ def test_select_update_takes_the_event_value_or_holds():
     sim.add_testbench(bench)
     sim.run()
     assert not bad, bad[:5]
+
+
+def test_wide_accumulator_is_exact_to_its_bound():
+    """hw/values.ValueMac._wide_acc (P's 48 bits and a count of their wraps) gives the exact run sum for sums that
+    walk to +-(2^(bits-1) - 1) in beats of up to BEAT_SUM_BOUND, over runs started by `clear`; and acc_bits
+    holds the worst run of a full-length job (max_tokens tokens of the largest |W c16 - Z| that the formats
+    allow: W < 2^W_BITS, codes < 2^16, |Z| < 2^42)."""
+    from pmkvq_accel.hw.config import DatapathConfig
+    from pmkvq_accel.hw.dsp import P_BITS
+    from pmkvq_accel.hw.values import BEAT_SUM_BOUND, ValueMac, acc_bits
+    from pmkvq_accel.model.formats import W_BITS
+
+    cfg = DatapathConfig()
+    bits = acc_bits(cfg)
+    worst = cfg.max_tokens * ((2 ** W_BITS - 1) * (2 ** 16 - 1) + 2 ** 42)
+    assert worst < 2 ** (bits - 1)
+    m = Module()
+    p, en, clear = Signal(P_BITS), Signal(), Signal()
+    acc = ValueMac._wide_acc(m, en, clear, p, bits, "t")
+    rng = np.random.default_rng(5)
+    top = 2 ** (bits - 1) - 1
+    runs = []
+    for target in (top, -top, top // 3):          # up to the bound, down to it, and a run that turns back
+        sums, s = [], 0
+        while abs(target - s) > 0:
+            step = int(np.clip(target - s, -(BEAT_SUM_BOUND - 1), BEAT_SUM_BOUND - 1))
+            if rng.random() < 0.3:                 # random beats in between, either sign
+                step = int(rng.integers(-(BEAT_SUM_BOUND - 1), BEAT_SUM_BOUND))
+            s = max(-top, min(top, s + step))
+            sums.append(s)
+        runs.append(sums)
+    seen = []
+
+    async def bench(ctx):
+        for sums in runs:
+            for i, s in enumerate(sums):
+                ctx.set(p, s % 2 ** P_BITS)
+                ctx.set(clear, i == 0)
+                ctx.set(en, 1)
+                await ctx.tick()
+                got = ctx.get(acc)
+                seen.append((got - 2 ** bits if got >> (bits - 1) else got, s))
+
+    sim = Simulator(m)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert len(seen) > 3000
+    bad = [(g, s) for g, s in seen if g != s]
+    assert not bad, f"{len(bad)} wrong sums, first {bad[0]}"

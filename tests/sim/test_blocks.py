@@ -65,7 +65,7 @@ def test_mac(dp, tmp_path):
 
 @pytest.mark.parametrize("word_bits,lane_bits", [(512, None), (512, 512), (256, None), (128, None), (64, None)])
 def test_shrink(word_bits, lane_bits, tmp_path):
-    """The engine's unit (default lanes: 4 beats per word at 512 and 256 bits, 2 at 128; the 64-bit core
+    """The engine's unit (default lanes: 8 beats per word at 512 bits, 4 at 256, 2 at 128; the 64-bit core
     alone) and the full-width core."""
     from pmkvq_accel.hw.shrink import ShrinkUnit
     dp = {"word_bits": word_bits, "lane_bits": lane_bits}
