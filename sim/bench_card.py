@@ -15,7 +15,8 @@ sim/hbm.py, and projects:
 
 Assumptions it adds, all printed: the clock (`--clock-mhz`, hw/card.CARD_CLOCK_MHZ), the HBM model (sim/hbm.py),
 the host overhead per launch (`--launch-overhead-us`), the split of a layer's tokens (hw/regmap.slices), the
-per-engine resources (`--engine-report` or hw/card.TODAY_ENGINE) and, for the "mix" rows, the committed
+per-engine resources of each shape (`--engine-report` for all, or the shape's measured engine,
+hw/card.engine_for: the card holds fewer 7B-shape engines) and, for the "mix" rows, the committed
 table's final widths per layer (calib/tables/SmolLM2-135M-Instruct.json; the 7B shape takes layer
 floor(i * 30 / 32)'s). KV bytes = codes of sink (16-bit), body (b-bit) and window (16-bit) plus the 32-bit
 scale/zero word per token, keys and values, every KV head of every layer (queries and partials not counted).
@@ -181,23 +182,39 @@ class EngineBench:
         self.sim.close()
 
 
+def shape_plan(shape: Shape, args) -> tuple[C.EngineResources, C.CardPlan]:
+    """The card for one model shape: its measured engine (or --engine-report) planned over the SLRs."""
+    engine = (C.EngineResources.from_report(args.engine_report) if args.engine_report
+              else C.engine_for(shape.head_dim, shape.groups))
+    if engine is None:
+        raise SystemExit(f"no measured engine for head_dim {shape.head_dim}, G {shape.groups}: pass --engine-report")
+    return engine, C.plan(engine, engines=args.engines, clock_mhz=args.clock_mhz)
+
+
 def project(args, progress=print) -> dict:
     from pmkvq_accel.sim.hbm import HbmModel
-    engine = (C.EngineResources.from_report(args.engine_report) if args.engine_report else C.TODAY_ENGINE)
-    plan = C.plan(engine, engines=args.engines, clock_mhz=args.clock_mhz)
     hbm = HbmModel(clock_mhz=args.clock_mhz)
-    N = plan.engines
-    res = plan.resources()
-    progress(f"card: {N} engines ({', '.join(f'{s} {n}' for s, n in plan.engines_per_slr.items())}), "
-             f"{plan.pcs_per_engine} PCs each, {args.clock_mhz:g} MHz; engine resources: {engine.source}")
-    for v in plan.violations():
-        progress(f"  WARNING over the placement limit: {v}")
     progress(f"  {hbm.describe()}")
     progress(f"  host overhead {args.launch_overhead_us:g} us per launch; tokens striped by windows "
              "(hw/regmap.slices), the heaviest engine measured")
-    rows = []
+    rows, cards = [], {}
     for mkey in args.models:
         shape = SHAPES[mkey]
+        engine, plan = shape_plan(shape, args)
+        N = plan.engines
+        res = plan.resources()
+        tot = res["total"]
+        cards[shape.name] = {"engines": N, "engines_per_slr": plan.engines_per_slr,
+                             "pcs_per_engine": plan.pcs_per_engine, "engine_resources": engine.source,
+                             "resources": {"lut": tot["lut"], "dsp": tot["dsp"], "bram36": tot["bram36"],
+                                           "uram": tot["uram"]},
+                             "resources_per_slr": {s: {k: round(v["used"], 1) for k, v in r.items()}
+                                                   for s, r in res["per_slr"].items()}}
+        progress(f"card for {shape.name} (head_dim {shape.head_dim}, G {shape.groups}): {N} engines "
+                 f"({', '.join(f'{s} {n}' for s, n in plan.engines_per_slr.items())}), "
+                 f"{plan.pcs_per_engine} PCs each, {args.clock_mhz:g} MHz; engine resources: {engine.source}")
+        for v in plan.violations():
+            progress(f"  WARNING over the placement limit: {v}")
         bench = EngineBench(shape, hbm, plan.pcs_per_engine, progress=progress)
         try:
             widths = [("uniform", b, [(b, b)] * shape.layers) for b in args.bits]
@@ -219,7 +236,7 @@ def project(args, progress=print) -> dict:
                         nbytes += sum(kv_bytes(shape, *t, kb, vb) for t in sl)
                     floor = nbytes / (C.CARD_GBPS * 1e3)     # bytes / (GB/s) -> us
                     kern = sum(c["cycles"] for c in cyc_layers) / args.clock_mhz
-                    row = {"model": shape.name, "context": ctx, "body_bits": bits, "bytes": nbytes,
+                    row = {"model": shape.name, "context": ctx, "body_bits": bits, "engines": N, "bytes": nbytes,
                            "cycles_per_engine": (cyc_layers[0]["cycles"] if label == "uniform"
                                                  else round(sum(c["cycles"] for c in cyc_layers) / shape.layers)),
                            "time_us": round(t_step, 2), "floor_us": round(floor, 2),
@@ -235,19 +252,17 @@ def project(args, progress=print) -> dict:
                              f"{row['engine_words_per_cycle']:.3f} words/cycle/engine)")
         finally:
             bench.close()
-    tot = res["total"]
-    return {"clock_mhz": args.clock_mhz, "engines": N,
-            "resources": {"lut": tot["lut"], "dsp": tot["dsp"], "bram36": tot["bram36"], "uram": tot["uram"]},
+    first = cards[SHAPES[args.models[0]].name]     # the top-level figures: the first model's card
+    return {"clock_mhz": args.clock_mhz, "engines": first["engines"], "resources": first["resources"],
             "rows": rows,
+            "cards": cards,
             "assumptions": {"hbm": hbm.describe(), "card_gbps_floor": C.CARD_GBPS,
                             "launch_overhead_us": args.launch_overhead_us,
                             "split": "whole windows round-robin over the engines (hw/regmap.slices); the "
                                      "engine with the most bytes measured",
-                            "engines_per_slr": plan.engines_per_slr, "pcs_per_engine": plan.pcs_per_engine,
-                            "engine_resources": engine.source, "sink": N_SINK, "window": WINDOW,
+                            "sink": N_SINK, "window": WINDOW,
                             "mix": "committed table final widths (calib/tables/SmolLM2-135M-Instruct.json)"},
-            "resources_per_slr": {s: {k: round(v["used"], 1) for k, v in r.items()}
-                                  for s, r in res["per_slr"].items()}}
+            "resources_per_slr": first["resources_per_slr"]}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -265,7 +280,7 @@ def plot(result: dict, path: Path) -> None:
             axes[0][j].plot(x, [r["utilization"] for r in rs], "o-", label=lab)
             axes[1][j].plot(x, [r["time_us"] / 1e3 for r in rs], "o-", label=lab)
         axes[0][j].axhline(0.8, color="grey", ls=":", lw=1)
-        axes[0][j].set_title(f"{m}: utilization of 425 GB/s")
+        axes[0][j].set_title(f"{m} ({rows[0]['engines']} engines): utilization of 425 GB/s")
         axes[1][j].set_title(f"{m}: attention time per token (all layers)")
         axes[1][j].set_ylabel("ms")
         for a in (axes[0][j], axes[1][j]):
@@ -273,7 +288,7 @@ def plot(result: dict, path: Path) -> None:
             a.set_xlabel("context (tokens)")
             a.grid(alpha=0.3)
             a.legend(fontsize=8)
-    fig.suptitle(f"U280 projection: {result['engines']} engines at {result['clock_mhz']:g} MHz, "
+    fig.suptitle(f"U280 projection at {result['clock_mhz']:g} MHz, "
                  f"{result['assumptions']['launch_overhead_us']:g} us per launch")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -286,7 +301,8 @@ def main(argv=None):
     ap.add_argument("--clock-mhz", type=float, default=C.CARD_CLOCK_MHZ)
     ap.add_argument("--engines", type=int, help="force the engine count (default: as many as fit, hw/card.py)")
     ap.add_argument("--engine-report", type=Path,
-                    help="per-engine resources from a synthesis report (JSON); default hw/card.TODAY_ENGINE")
+                    help="per-engine resources from a synthesis report (JSON) for every model; default each shape's "
+                         "measured engine (hw/card.engine_for)")
     ap.add_argument("--launch-overhead-us", type=float, default=LAUNCH_OVERHEAD_US)
     ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["smollm2-135m", "llama-8b"])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])

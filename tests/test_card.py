@@ -142,3 +142,16 @@ def test_engine_buffers_are_one_uram_deep():
     one token more takes a second URAM in depth (docs/hardware.md, "Memories")."""
     assert KernelConfig().datapath.entries == R.BUFFER_ENTRIES == 4096
     assert KernelConfig(max_tokens=R.ENGINE_MAX_TOKENS + 1).datapath.entries == R.BUFFER_ENTRIES + 1
+
+
+def test_each_shape_plans_with_its_own_measured_engine():
+    """The 7B-class engine (552 DSP48E2) fills fewer SLR slots than the SmolLM2 one: bench_card and bitstream plan
+    each shape with its own measured engine, and a shape without one is refused unless the count is forced."""
+    from pmkvq_accel.hw import bitstream as B
+    from pmkvq_accel.sim import bench_card as BC
+    assert C.engine_for(64, 3) is C.TODAY_ENGINE and C.engine_for(128, 4) is C.TODAY_ENGINE_7B
+    assert C.engine_for(64, 1) is None
+    args = BC.argparse.Namespace(engine_report=None, engines=None, clock_mhz=C.CARD_CLOCK_MHZ)
+    small, big = (BC.shape_plan(BC.SHAPES[k], args)[1] for k in ("smollm2-135m", "llama-8b"))
+    assert small.engines == 15 and big.engines < small.engines and not big.violations()
+    assert B.main(["--head-dim", "64", "--groups", "1", "--out", "/nonexistent/never"], path="") == 2
