@@ -71,7 +71,7 @@ class CalibSettings:
             del d["sensitivity"]  # likewise for the metric
         d["widths"] = sorted(self.widths)
         d["model"] = model_hash
-        d["v"] = 3   # bump when the default text or the artifact computation changes
+        d["v"] = 4   # bump when the default text or the artifact computation changes
         if d["calib_text"]:
             p = Path(d["calib_text"])
             d["calib_text"] = [str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size]
@@ -90,6 +90,7 @@ class Artifacts:
     settings: dict = field(default_factory=dict)
     text_desc: str = ""
     seconds: dict = field(default_factory=dict)
+    window_mass: dict | None = None   # attention_mass of the search samples: what choose_window weighs windows by
 
 
 def positions(seq_len: int, effective_len: int, pos_interp: bool) -> torch.Tensor:
@@ -116,12 +117,14 @@ def _forward(model, ids, pos, layers, grads=False):
 
 
 def collect_stats(model, samples, pos, settings: CalibSettings, desc="stats"):
-    """max |K| per (kv head, channel) over all samples; Q/K/V of the first search_samples samples per layer."""
+    """max |K| per (kv head, channel) over all samples; Q/K/V of the first search_samples samples per layer, and
+    their attention mass profile (attention_mass, the mean over those samples and all layers)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     n_layers, n_heads, n_kv, hd = _dims(model)
     attn = attention_modules(model)
     max_k = [torch.zeros(n_kv, hd, dtype=torch.float64) for _ in range(n_layers)]
     qkv = [[] for _ in range(n_layers)]
+    mass = None
     q_out, rope = {}, {}
     hooks = [a.q_proj.register_forward_hook(lambda m, i, o, l=l: q_out.__setitem__(l, o.detach()))
              for l, a in enumerate(attn)]
@@ -139,13 +142,39 @@ def collect_stats(model, samples, pos, settings: CalibSettings, desc="stats"):
                     q = q_out[l].view(1, -1, n_heads, hd).transpose(1, 2)
                     cos, sin = rope["cs"]
                     q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-                    qkv[l].append((q[0].float().cpu(), lay.captured_k[0][0].float().cpu(),
-                                   lay.captured_v[0][0].float().cpu()))
+                    q, k = q[0].float().cpu(), lay.captured_k[0][0].float().cpu()
+                    qkv[l].append((q, k, lay.captured_v[0][0].float().cpu()))
+                    m = attention_mass(q, k)
+                    mass = m if mass is None else {n: mass[n] + m[n] for n in m}
             del layers
     finally:
         for h in hooks:
             h.remove()
-    return max_k, qkv
+    if mass is not None:
+        mass = {n: (v / (n_layers * min(settings.search_samples, len(samples)))).numpy() for n, v in mass.items()}
+    return max_k, qkv, mass
+
+
+MASS_RECENT = 128   # recency offsets attention_mass records: the largest window it can weigh (WINDOW_CHOICES)
+MASS_FIRST = 4      # first tokens it records: the largest sink it can weigh
+MASS_TAIL = 256     # body_mass_share: positions past the profile take the mean of its last MASS_TAIL positions
+
+
+def attention_mass(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """One layer's causal softmax attention (q (n_heads, T, hd) after RoPE, k (n_kv, T, hd)), averaged over heads:
+    "recent" (T, MASS_RECENT), the mass query t puts on token t - d (0 where t < d), and "first" (T, MASS_FIRST),
+    the mass it puts on token s (0 where t < s). The keys' reparameterisation and rotation leave q.k unchanged."""
+    n_heads, t, hd = q.shape
+    group = n_heads // k.shape[0]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    recent = torch.zeros(t, MASS_RECENT)
+    first = torch.zeros(t, MASS_FIRST)
+    for h in range(n_heads):                     # one head at a time: T x T floats, not n_heads of them
+        p = (q[h] @ k[h // group].T * hd ** -0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+        for d in range(min(MASS_RECENT, t)):
+            recent[d:, d] += p.diagonal(-d)
+        first[:, :min(MASS_FIRST, t)] += p[:, :MASS_FIRST]
+    return {"recent": recent / n_heads, "first": first / n_heads}
 
 
 def pair_max(m: torch.Tensor) -> torch.Tensor:
@@ -316,16 +345,14 @@ def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None 
             f"positions {pos[0].item()}..{pos[-1].item()} (interpolation {'on' if settings.pos_interp else 'off'})")
         secs = {}
         factors = alphas = mses = None
+        max_k, qkv, mass = collect_stats(model, samples, pos, settings)
+        secs["stats"] = time.time() - t0
         if settings.reparam:
-            max_k, qkv = collect_stats(model, samples, pos, settings)
-            secs["stats"] = time.time() - t0
             t1 = time.time()
             alphas, mses = search_alpha(max_k, qkv, settings, n_heads)
             factors = [factors_for(max_k[l], alphas[l]).float() for l in range(n_layers)]
             secs["alpha_search"] = time.time() - t1
-            del qkv
-        else:
-            max_k = [torch.zeros(n_kv, hd) for _ in range(n_layers)]   # not measured without reparam
+        del qkv
         if factors is not None:
             T.fold_factors(model, factors)
         t2 = time.time()
@@ -339,7 +366,7 @@ def run_calibration(model, tok, settings: CalibSettings, cache_dir: Path | None 
         secs["sensitivity"] = time.time() - t2
         art = Artifacts(factors=factors, alphas=alphas, alpha_mse=mses, max_abs_k=[m.float() for m in max_k],
                         sens_widths=widths, sens_k=sk, sens_v=sv, settings=asdict(settings), text_desc=desc,
-                        seconds=secs)
+                        seconds=secs, window_mass=mass)
         if cpath:
             torch.save(asdict(art), cpath)
             cpath.with_suffix(".lock").unlink(missing_ok=True)
@@ -390,23 +417,39 @@ def budget_from_args(args, cfg: CacheConfig, n_layers: int) -> tuple[float, str]
 WINDOW_CHOICES = (16, 32, 64, 128)   # multiples of 16 tokens: whole 512-bit words on the device (host/layout.py)
 
 
-def body_fraction(cfg: CacheConfig, max_len: int) -> float:
-    """Share of max_len tokens that end in the quantised body (the rest stay at 16 bits in sink and window)."""
-    return max(max_len - cfg.n_sink - cfg.window, 0) / max_len
+def body_mass_share(mass: dict, n_sink: int, window: int, max_len: int) -> float:
+    """The share of attention mass that falls on body tokens (neither the n_sink first nor the `window` latest),
+    averaged over the decode positions 0..max_len-1, from a calibration mass profile (attention_mass). Only
+    body tokens carry quantisation error. Positions past the profile's length take the mean of its last
+    MASS_TAIL positions (the sink's and the window's shares have levelled off there)."""
+    recent, first = np.asarray(mass["recent"], dtype=np.float64), np.asarray(mass["first"], dtype=np.float64)
+    if window > recent.shape[1] or n_sink > first.shape[1]:
+        raise ValueError(f"the calibration mass profile covers windows <= {recent.shape[1]} and sinks <= "
+                         f"{first.shape[1]} tokens, not window {window}, sink {n_sink}")
+    n = recent.shape[0]
+    t = np.arange(n)
+    body = np.clip(1.0 - first[:, :n_sink].sum(1) - recent[:, :window].sum(1), 0.0, 1.0)
+    body[t < n_sink + window] = 0.0          # no body yet: sink and window hold every token
+    if max_len <= n:
+        return float(body[:max_len].mean())
+    return float((body.sum() + body[-MASS_TAIL:].mean() * (max_len - n)) / max_len)
 
 
 def choose_window(art: Artifacts, widths, cfg: CacheConfig, max_len: int, budget: float, separate_kv: bool,
                   windows=WINDOW_CHOICES, key_weight: float = 1.0):
     """The budget rule for the 16-bit window: for each candidate window size, the MILP allocation with the
-    sensitivities scaled by the share of tokens that sit in the body (the window's tokens make no quantisation
-    error); the window whose allocation has the lowest objective wins. Returns (cfg with that window,
-    Allocation, {window: objective or None when the budget cannot hold it})."""
+    sensitivities scaled by the share of attention mass that falls on the body (body_mass_share: the window's
+    and the sink's tokens make no quantisation error, and recent tokens draw more attention than old ones); the
+    window whose allocation has the lowest objective wins. Returns (cfg with that window, Allocation,
+    {window: objective or None when the budget cannot hold it}, {window: body mass share})."""
     from dataclasses import replace
+    if art.window_mass is None:
+        raise ValueError("these calibration artifacts have no attention mass profile (window_mass): recompute them")
     sk, sv = sens_for(art, widths, key_weight)
-    best, tried = None, {}
+    best, tried, shares = None, {}, {}
     for w in windows:
         c = replace(cfg, window=int(w))
-        f = body_fraction(c, max_len)
+        f = shares[int(w)] = body_mass_share(art.window_mass, c.n_sink, c.window, max_len)
         try:
             a = allocate(sk * f, sv * f, widths, c, max_len, budget, separate_kv)
         except AllocationError:
@@ -417,7 +460,7 @@ def choose_window(art: Artifacts, widths, cfg: CacheConfig, max_len: int, budget
             best = (c, a)
     if best is None:
         raise AllocationError(f"budget of {budget:.0f} bytes is too small for every window in {tuple(windows)}")
-    return best[0], best[1], tried
+    return best[0], best[1], tried, shares
 
 
 # The default method ("best" in calib/evaluate.py; what `make calib` writes): PM-KVQ's progressive cache,
@@ -449,10 +492,11 @@ def make_table(model, art: Artifacts, *, model_id, cfg: CacheConfig, max_len: in
     n_layers = _dims(model)[0]
     window_choice = None
     if method == "milp" and windows:
-        cfg, alloc, tried = choose_window(art, widths, cfg, max_len, budget, separate_kv, windows, key_weight)
+        cfg, alloc, tried, shares = choose_window(art, widths, cfg, max_len, budget, separate_kv, windows, key_weight)
         kb_, vb_, obj = alloc.key_budgets, alloc.value_budgets, alloc.objective
         window_choice = {"candidates": [int(w) for w in windows], "objective_by_window": tried,
-                         "chosen": cfg.window, "rule": "lowest MILP objective, sensitivities x body share"}
+                         "body_mass_share": shares, "chosen": cfg.window,
+                         "rule": "lowest MILP objective, sensitivities x the body's share of attention mass"}
     elif method == "milp":
         sk, sv = sens_for(art, widths, key_weight)
         alloc = allocate(sk, sv, widths, cfg, max_len, budget, separate_kv)

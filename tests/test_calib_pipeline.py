@@ -85,10 +85,31 @@ def test_kl_sensitivity_measures_each_tensor_alone_end_to_end():
 def test_alpha_search_returns_grid_values_and_zero_is_allowed():
     model = tiny_llama()
     s = C.CalibSettings(n_samples=1, seq_len=48, search_queries=16)
-    max_k, qkv = C.collect_stats(model, [_forward_sample(model)], torch.arange(48), s)
+    max_k, qkv, _ = C.collect_stats(model, [_forward_sample(model)], torch.arange(48), s)
     alphas, mses = C.search_alpha(max_k, qkv, s, n_heads=4)
     assert len(alphas) == 3 and all(a in C.ALPHA_GRID for a in alphas)
     assert 0.0 in C.ALPHA_GRID and len(mses[0]) == 21
+
+
+def test_mass_profile_is_the_models_own_attention_averaged_over_layers_and_heads():
+    """collect_stats' profile against the attention probabilities transformers computes (eager attention), at
+    non-trivial positions (the positional interpolation's stride)."""
+    model = tiny_llama()
+    model.config._attn_implementation = "eager"
+    s = C.CalibSettings(n_samples=2, seq_len=48, search_samples=2)
+    samples = [_forward_sample(model, seed=i) for i in range(2)]
+    pos = torch.arange(0, 96, 2)
+    _, _, mass = C.collect_stats(model, samples, pos, s)
+    with torch.no_grad():
+        att = [torch.stack(model(input_ids=x[None], position_ids=pos[None], output_attentions=True).attentions)
+               for x in samples]
+    p = torch.stack(att).mean(dim=(0, 1, 2, 3)).double().numpy()      # (T, T): samples, layers, batch, heads
+    assert mass["recent"].shape == (48, C.MASS_RECENT) and mass["first"].shape == (48, C.MASS_FIRST)
+    t, d = 30, 7
+    assert np.isclose(mass["recent"][t, d], p[t, t - d], atol=1e-5)
+    assert np.isclose(mass["recent"][3, 0], p[3, 3], atol=1e-5) and mass["recent"][3, 5] == 0
+    assert np.allclose(mass["first"][:, 2], p[:, 2], atol=1e-5)
+    assert np.allclose(mass["recent"][:, :48].sum(1), 1.0, atol=1e-5)   # all of a causal row at T <= 128
 
 
 def brute(sk, sv, widths, cfg, max_len, budget, separate):
@@ -229,12 +250,50 @@ def test_sensitivity_goes_through_the_rotation():
     assert not np.allclose(s0[0], s1[0]) and np.all(s1[0] > 0)
 
 
-def _art(n_layers=3, widths=(8, 4, 2)):
+def _mass(n=1024, last=None):
+    """A mass profile over n positions: uniform causal attention, or all of it spread over the `last` tokens."""
+    t = np.arange(n)[:, None]
+    span = t + 1 if last is None else np.minimum(t + 1, last)
+    d, s = np.arange(C.MASS_RECENT)[None], np.arange(C.MASS_FIRST)[None]
+    return {"recent": np.where(d < span, 1.0 / span, 0.0), "first": np.where(t - s < span, 1.0 / span, 0.0) * (s <= t)}
+
+
+def _art(n_layers=3, widths=(8, 4, 2), mass=None):
     rng = np.random.default_rng(1)
     base = rng.uniform(0.5, 2.0, size=(n_layers, 1))
     sk = base * np.array([[0.01, 1.0, 20.0]])[:, :len(widths)]
     return C.Artifacts(factors=None, alphas=None, alpha_mse=None, max_abs_k=[], sens_widths=list(widths),
-                       sens_k=sk, sens_v=sk * 0.5)
+                       sens_k=sk, sens_v=sk * 0.5, window_mass=_mass() if mass is None else mass)
+
+
+def test_body_mass_share():
+    """Uniform attention: the body's share at position t is its share of the t + 1 tokens; attention spread over
+    the last 32 tokens: a 32-token window leaves the body nothing. Past the profile, its last positions' share."""
+    n, L = 1024, 1024
+    t = np.arange(L)
+    want = np.where(t >= 1 + 16, (t + 1 - 1 - 16) / (t + 1), 0.0).mean()
+    assert np.isclose(C.body_mass_share(_mass(n), 1, 16, L), want)
+    assert C.body_mass_share(_mass(n, last=32), 1, 32, L) == 0.0
+    assert np.isclose(C.body_mass_share(_mass(n, last=32), 0, 16, L), 0.5 * (L - 32) / L, atol=0.01)
+    share = C.body_mass_share(_mass(n, last=32), 0, 16, 4 * n)       # the tail's steady 0.5
+    assert np.isclose(share, (C.body_mass_share(_mass(n, last=32), 0, 16, n) * n + 0.5 * 3 * n) / (4 * n))
+    with pytest.raises(ValueError, match="window"):
+        C.body_mass_share(_mass(n), 1, C.MASS_RECENT + 16, L)
+    with pytest.raises(ValueError, match="mass profile"):
+        C.choose_window(C.Artifacts(None, None, None, [], [4, 2], np.ones((1, 2)), np.ones((1, 2))),
+                        (4, 2), CacheConfig(2, 64, 1, 16), L, 1e9, True)
+
+
+def test_window_rule_weighs_windows_by_attention_mass():
+    """The budget where uniform attention picks the 16-token window (4-bit bodies): when attention stays in the
+    last 32 tokens, a 32-token window leaves the body no mass, so the rule takes it even with 2-bit bodies."""
+    cfg = CacheConfig(2, 64, 1, 16)
+    L, n = 1024, 3
+    tight = n * 2 * budget_for_width(cfg, 4, L)
+    c, _, _, _ = C.choose_window(_art(n), (8, 4, 2), cfg, L, tight, True)
+    assert c.window == 16
+    c, a, tried, shares = C.choose_window(_art(n, mass=_mass(L, last=32)), (8, 4, 2), cfg, L, tight, True)
+    assert c.window == 32 and a.objective == 0.0 and shares[32] == 0.0 and shares[16] > 0.4
 
 
 def test_window_rule_picks_the_window_that_lets_the_body_be_wider():
@@ -244,13 +303,13 @@ def test_window_rule_picks_the_window_that_lets_the_body_be_wider():
     L, n = 1024, 3
     art = _art(n)
     tight = n * 2 * budget_for_width(cfg, 4, L)            # every layer 4/4 with a 16-token window, no more
-    c, a, tried = C.choose_window(art, (8, 4, 2), cfg, L, tight, True)
+    c, a, tried, _ = C.choose_window(art, (8, 4, 2), cfg, L, tight, True)
     assert c.window == 16 and a.key_bits == [4] * n and a.value_bits == [4] * n
     c128 = CacheConfig(2, 64, 1, 128)
     assert n * 2 * budget_for_width(c128, 4, L) > tight      # 4/4 does not fit with the 128-token window
     assert set(tried) == set(C.WINDOW_CHOICES) and tried[16] == min(v for v in tried.values() if v is not None)
     big = n * 2 * budget_for_width(c128, 8, L)
-    c, a, _ = C.choose_window(art, (8, 4, 2), cfg, L, big, True)
+    c, a, _, _ = C.choose_window(art, (8, 4, 2), cfg, L, big, True)
     assert c.window == 128 and a.key_bits == [8] * n
     with pytest.raises(AllocationError):
         C.choose_window(art, (8, 4, 2), cfg, L, n * 2 * budget_for_width(cfg, 2, L) * 0.9, True)
@@ -265,9 +324,9 @@ def test_key_weight_moves_the_wide_layers_to_the_keys():
     art.sens_v = art.sens_k * 2.0
     half = n * (budget_for_width(cfg, 4, L) + budget_for_width(cfg, 2, L))
     wide = lambda bits: sum(b == 4 for b in bits)     # noqa: E731
-    _, a, _ = C.choose_window(art, (4, 2), cfg, L, half, True, windows=(16,))
+    _, a, _, _ = C.choose_window(art, (4, 2), cfg, L, half, True, windows=(16,))
     assert wide(a.value_bits) >= n - 1 and wide(a.key_bits) <= 1
-    _, a, _ = C.choose_window(art, (4, 2), cfg, L, half, True, windows=(16,), key_weight=4.0)
+    _, a, _, _ = C.choose_window(art, (4, 2), cfg, L, half, True, windows=(16,), key_weight=4.0)
     assert wide(a.key_bits) >= n - 1 and wide(a.value_bits) <= 1
     sk, sv = C.sens_for(art, (4, 2), 4.0)
     assert np.allclose(sk, 4 * art.sens_k) and np.allclose(sv, art.sens_v)
